@@ -9,6 +9,7 @@ memory stays flat in N, and returns the cached copy on a second call with the sa
 from __future__ import annotations
 
 import hashlib
+import sys
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,3 +72,111 @@ class Features:
             None if self.domains is None else self.domains[idx],
             dict(self.fingerprint),
         )
+
+
+def fingerprint(model: Any, data: Any, tap: str) -> dict[str, Any]:
+    """The cache key of (model, tap, preprocessing, data) as a JSON-able dict."""
+    return {
+        "model": model.meta.get("fingerprint", model.name),
+        "tap": tap,
+        "preprocessing": model.preprocessing,
+        "data": data.fingerprint(),
+    }
+
+
+def cache_path(key: dict[str, Any], model_name: str) -> Path:
+    from .assets import cache_dir
+
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in model_name)[-60:]
+    return cache_dir() / "features" / f"{safe}-{digest}"
+
+
+def extract(
+    model: Any,
+    data: Any,
+    *,
+    tap: str = "penultimate",
+    batch_size: int = 64,
+    cache: bool = True,
+    progress: bool = True,
+) -> Features:
+    """Features of ``data`` under ``model`` at ``tap``, from the cache when present.
+
+    Parameters
+    ----------
+    model : a :class:`~transferkit.zoo.base.ZooModel` or a name for :func:`transferkit.zoo.load_model`.
+    data : a :class:`~transferkit.data.Dataset` (or a spec for :func:`transferkit.data.load_dataset`).
+    tap : 'penultimate' or a backbone module name (see ``ZooModel.taps()``).
+    batch_size : samples per forward pass; memory is flat in N beyond the (N, D) result.
+    cache : read and write the on-disk cache keyed by :func:`fingerprint`.
+    progress : show a progress bar on stderr.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from .data import Dataset, load_dataset
+    from .zoo import load_model
+
+    if not isinstance(data, Dataset):
+        data = load_dataset(data)
+    if isinstance(model, str):
+        model = load_model(model)
+    if model.modality != data.modality:
+        raise DataError(f"model {model.name!r} takes {model.modality} inputs but {data.name!r} is {data.modality} data")
+    if batch_size < 1:
+        raise DataError(f"batch size must be ≥ 1, got {batch_size}")
+    key = fingerprint(model, data, tap)
+    path = cache_path(key, model.name)
+    if cache and (path / "features.json").is_file():
+        return load(path)
+
+    n = len(data)
+    X = probs = None
+    with torch.inference_mode(), tqdm(total=n, desc=f"features {model.name}", unit="ex", file=sys.stderr,
+                                      disable=not progress, leave=False) as bar:
+        for start in range(0, n, batch_size):
+            feats, p = model.encode(model.preprocess(data.X[start:start + batch_size]), tap)
+            if X is None:
+                X = np.empty((n, feats.shape[1]), dtype=np.float32)
+                probs = None if p is None else np.empty((n, p.shape[1]), dtype=np.float32)
+            X[start:start + len(feats)] = feats.float().numpy()
+            if probs is not None:
+                probs[start:start + len(feats)] = p.numpy()
+            bar.update(len(feats))
+    out = Features(X, data.y, probs, data.domains, key)
+    if cache:
+        save(out, path)
+    return out
+
+
+def save(features: Features, path: str | Path) -> Path:
+    """Write ``features`` to directory ``path`` (safetensors + JSON), atomically."""
+    import torch
+    from safetensors.torch import save_file
+
+    from .io import atomic_path
+
+    arrays = {"X": features.X, "y": features.y}
+    if features.probs is not None:
+        arrays["probs"] = features.probs
+    if features.domains is not None:
+        arrays["domains"] = features.domains
+    with atomic_path(path) as tmp:
+        tmp.mkdir()
+        save_file({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}, str(tmp / "features.safetensors"))
+        (tmp / "features.json").write_text(json.dumps({"fingerprint": features.fingerprint, "shape": list(features.X.shape)}, indent=2))
+    return Path(path)
+
+
+def load(path: str | Path) -> Features:
+    """Read features written by :func:`save`."""
+    from safetensors.numpy import load_file
+
+    path = Path(path)
+    try:
+        meta = json.loads((path / "features.json").read_text())
+        arrays = load_file(str(path / "features.safetensors"))
+    except (OSError, ValueError) as exc:
+        raise DataError(f"cannot read features from {path}: {exc}") from None
+    return Features(arrays["X"], arrays["y"], arrays.get("probs"), arrays.get("domains"), meta["fingerprint"])

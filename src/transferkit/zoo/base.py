@@ -67,6 +67,15 @@ class ZooModel:
         return read_tap(self.backbone, inputs, tap)
 
     @torch.no_grad()
+    def encode(self, inputs: Any, tap: str = PENULTIMATE) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One forward pass: features at ``tap`` and the source head's probabilities (or None)."""
+        if tap == PENULTIMATE:
+            feats = self.backbone(inputs)
+            return feats, self.source_probs(feats)
+        penultimate, tapped = read_tap(self.backbone, inputs, tap, return_output=True)
+        return tapped, self.source_probs(penultimate)
+
+    @torch.no_grad()
     def source_probs(self, penultimate: torch.Tensor) -> torch.Tensor | None:
         """Softmax of the source head on penultimate features, or None without a head."""
         if self.head is None:
@@ -99,15 +108,18 @@ class Classifier(nn.Module):
         return self.head(self.backbone(inputs))
 
 
-def read_tap(backbone: nn.Module, inputs: Any, tap: str) -> torch.Tensor:
-    """Run ``backbone`` and return the pooled output of its submodule ``tap``."""
+def read_tap(backbone: nn.Module, inputs: Any, tap: str, return_output: bool = False):
+    """Run ``backbone`` and return the pooled output of its submodule ``tap``.
+
+    With ``return_output`` the backbone's own output comes first: ``(output, tapped)``.
+    """
     modules = dict(backbone.named_modules())
     if tap not in modules:
         raise ModelError(f"unknown tap {tap!r}; use 'penultimate' or a module name such as {next(iter(list(modules)[1:]), '')!r}")
     captured: list[Any] = []
     handle = modules[tap].register_forward_hook(lambda _m, _i, out: captured.append(out))
     try:
-        backbone(inputs)
+        result = backbone(inputs)
     finally:
         handle.remove()
     out = captured[-1]
@@ -116,7 +128,8 @@ def read_tap(backbone: nn.Module, inputs: Any, tap: str) -> torch.Tensor:
     if hasattr(out, "last_hidden_state"):
         out = out.last_hidden_state
     mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
-    return pool(out, mask)
+    tapped = pool(out, mask)
+    return (result, tapped) if return_output else tapped
 
 
 def pool(out: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
