@@ -4,7 +4,14 @@ A Delta is a dict of tensors plus a ``kind`` and metadata:
 
 - ``full``: task vector ``θ_tuned − θ_base`` for every changed base parameter;
 - ``head``: no base parameter changed, only new tensors (a linear probe's head);
-- further kinds (``lora``, ``sparse``, ``bias``, ``adapter``) arrive with the tune issue.
+- ``lora``: low-rank factors ``<module>.lora_A`` (r×in) and ``<module>.lora_B`` (out×r) with a
+  per-module ``scaling`` in ``meta["scaling"]`` (a float for all modules, or ``{module: float}``; when
+  absent it is derived once from ``meta["lora_alpha"]``/``meta["r"]``: α/r, or α/√r with
+  ``meta["use_rslora"]``). The dense update is ``ΔW = scaling · B @ A`` on ``<module>.weight``.
+  Other tensors in a lora Delta (trained biases, ``new.`` heads) behave as in ``full``;
+- ``sparse``: ``<name>.indices`` (flat int64 positions) + ``<name>.values``, with the dense shape in
+  ``meta["shapes"][name]``; the dense update scatters (adds) the values into zeros of that shape;
+- further kinds (``bias``, ``adapter``) arrive with the tune issue.
 
 Tensors whose names are not in the base (a new classification head) are stored under
 ``new.<name>`` and are *set* by :func:`apply`, not added. :func:`apply` and :func:`to_dense` are
@@ -25,7 +32,9 @@ from .errors import ModelError
 from .io import atomic_path, load_weights
 
 NEW = "new."
-KINDS = ("full", "head")
+KINDS = ("full", "head", "lora", "sparse")
+LORA_A, LORA_B = ".lora_A", ".lora_B"
+SPARSE_IDX, SPARSE_VAL = ".indices", ".values"
 
 
 @dataclass
@@ -79,16 +88,103 @@ def from_states(base: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor], *
     return Delta(base_name, kind, tensors, dict(meta or {}))
 
 
+def _lora_scaling(delta: Delta, module: str) -> float:
+    scaling = delta.meta.get("scaling")
+    if isinstance(scaling, dict):
+        if module not in scaling:
+            raise ModelError(f"lora delta has no scaling for module {module!r}")
+        return float(scaling[module])
+    if scaling is not None:
+        return float(scaling)
+    alpha, r = delta.meta.get("lora_alpha"), delta.meta.get("r")
+    if alpha is None or r is None:
+        raise ModelError("lora delta needs meta['scaling'] (or meta['lora_alpha'] and meta['r'])")
+    if isinstance(r, dict):
+        r = r[module]
+    return float(alpha) / (float(r) ** 0.5 if delta.meta.get("use_rslora") else float(r))
+
+
+def lora_factors(delta: Delta) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """``{module: (A, B, scaling)}`` of a ``lora`` Delta, so that ``ΔW = scaling · B @ A``.
+
+    Refuses variants whose update is not ``scaling · B @ A`` (DoRA magnitude vectors) instead of
+    merging them silently wrong.
+    """
+    if delta.kind != "lora":
+        raise ModelError(f"expected a lora delta, got kind {delta.kind!r}")
+    if delta.meta.get("use_dora") or any("lora_magnitude_vector" in k for k in delta.tensors):
+        raise ModelError("DoRA adapters are not supported: their update is not scaling·B@A")
+    out: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
+    for name, a in delta.tensors.items():
+        if not name.endswith(LORA_A) or name.startswith(NEW):
+            continue
+        module = name[: -len(LORA_A)]
+        b = delta.tensors.get(module + LORA_B)
+        if b is None:
+            raise ModelError(f"lora delta has {name} but no {module + LORA_B}")
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+            raise ModelError(f"lora factors of {module!r} must be A (r×in), B (out×r); got "
+                             f"{tuple(a.shape)} and {tuple(b.shape)}")
+        out[module] = (a, b, _lora_scaling(delta, module))
+    for name in delta.tensors:
+        if name.endswith(LORA_B) and not name.startswith(NEW) and name[: -len(LORA_B)] not in out:
+            raise ModelError(f"lora delta has {name} but no matching {LORA_A}")
+    return out
+
+
+def _is_factor(delta: Delta, name: str) -> bool:
+    if delta.kind == "lora":
+        return name.endswith((LORA_A, LORA_B))
+    if delta.kind == "sparse":
+        return name.endswith((SPARSE_IDX, SPARSE_VAL))
+    return False
+
+
 def to_dense(delta: Delta) -> dict[str, torch.Tensor]:
-    """The additive part of ``delta`` as full tensors (new tensors excluded)."""
-    return {k: v for k, v in delta.tensors.items() if not k.startswith(NEW)}
+    """The additive part of ``delta`` as full tensors (new tensors excluded).
+
+    ``lora`` factors become ``<module>.weight = scaling · B @ A`` (computed in at least float32);
+    ``sparse`` index/value pairs become dense tensors of ``meta["shapes"][name]``.
+    """
+    dense = {k: v for k, v in delta.tensors.items() if not k.startswith(NEW) and not _is_factor(delta, k)}
+    if delta.kind == "lora":
+        for module, (a, b, scaling) in lora_factors(delta).items():
+            dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
+            key = module + ".weight"
+            if key in dense:
+                raise ModelError(f"lora delta has both factors and a dense tensor for {key}")
+            dense[key] = scaling * (b.to(dtype) @ a.to(dtype))
+    elif delta.kind == "sparse":
+        shapes = delta.meta.get("shapes", {})
+        for name, idx in delta.tensors.items():
+            if not name.endswith(SPARSE_IDX) or name.startswith(NEW):
+                continue
+            target = name[: -len(SPARSE_IDX)]
+            values = delta.tensors.get(target + SPARSE_VAL)
+            if values is None or target not in shapes:
+                raise ModelError(f"sparse delta tensor {target!r} needs {SPARSE_VAL} and meta['shapes'][{target!r}]")
+            if idx.dtype not in (torch.int64, torch.int32) or idx.numel() != values.numel():
+                raise ModelError(f"sparse delta tensor {target!r}: indices must be integers, one per value")
+            flat = torch.zeros(int(torch.Size(shapes[target]).numel()), dtype=values.dtype, device=values.device)
+            if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= flat.numel()):
+                raise ModelError(f"sparse delta tensor {target!r}: index out of range for shape {tuple(shapes[target])}")
+            flat.index_add_(0, idx.reshape(-1).long(), values.reshape(-1))
+            dense[target] = flat.view(*shapes[target])
+        orphans = [k for k in delta.tensors if k.endswith(SPARSE_VAL) and not k.startswith(NEW)
+                   and k[: -len(SPARSE_VAL)] + SPARSE_IDX not in delta.tensors]
+        if orphans:
+            raise ModelError(f"sparse delta tensor {orphans[0]} has no matching {SPARSE_IDX}")
+    return dense
 
 
 @torch.no_grad()
 def apply(model: nn.Module, delta: Delta, scale: float = 1.0) -> nn.Module:
     """Add ``scale`` × ``delta`` to ``model``'s parameters in place; set its new tensors."""
     state = model.state_dict()
-    for name, value in delta.tensors.items():
+    items = [(k, v) for k, v in delta.tensors.items() if k.startswith(NEW)]
+    items += list(to_dense(delta).items()) if delta.kind in ("lora", "sparse") else \
+        [(k, v) for k, v in delta.tensors.items() if not k.startswith(NEW)]
+    for name, value in items:
         target = name[len(NEW):] if name.startswith(NEW) else name
         if target not in state:
             raise ModelError(f"delta tensor {target!r} has no counterpart in the model")

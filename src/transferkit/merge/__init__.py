@@ -1,0 +1,38 @@
+"""Merge: combine Deltas (task vectors, LoRA adapters) of one base into one Delta, without training.
+
+Functional API — Deltas in, Delta out (apply the result with :func:`transferkit.delta.apply`):
+
+==========================================  ==================================================
+``task_arithmetic(deltas, lam=1.0)``         Σ λ τ_t (Ilharco et al., ICLR 2023); ``negate``, ``analogy``
+``ties(deltas, k=0.2, lam=None, scope="global"|"per_tensor", agg="mean"|"sum")``
+                                             TIES-Merging (Yadav et al., NeurIPS 2023)
+``dare(delta, p=0.9, seed=0)``               Drop And REscale (Yu et al., ICML 2024); ``dare_merge``
+``average(deltas, weights=None)``            weighted average; ``uniform_soup``, ``greedy_soup``
+                                             (Wortsman et al., ICML 2022)
+``compute_fisher(model, batches, *, empirical=False)`` / ``fisher_merge(models_or_deltas, fishers)``
+                                             Fisher-weighted averaging (Matena & Raffel, NeurIPS 2022)
+``merge_lora(deltas, weights, how="svd"|"cat"|"dense", rank=None)``
+                                             LoRA adapters merged in ΔW space
+==========================================  ==================================================
+
+Common rules (see :mod:`transferkit.merge._common`): every input Delta must have the same ``base``
+(else :class:`~transferkit.errors.ConfigError`); only the body is merged — per-task heads (``new.``
+tensors) are dropped from the result and listed in ``meta["heads_dropped"]``; use
+:func:`attach_head` to evaluate the merged body with one task's head; integer tensors are never
+averaged; tensors a Delta lacks count as zero. ``lora``/``sparse`` Deltas are densified
+(``to_dense``) by every method except :func:`merge_lora`.
+"""
+
+from ._common import attach_head, heads
+from .average import average, greedy_soup, uniform_soup
+from .dare import LargeDeltaWarning, dare, dare_merge
+from .fisher import compute_fisher, fisher_merge
+from .lora import ab_linear_error, merge_lora
+from .task_arithmetic import analogy, negate, task_arithmetic
+from .ties import ties
+
+__all__ = [
+    "attach_head", "heads", "average", "greedy_soup", "uniform_soup", "dare", "dare_merge",
+    "LargeDeltaWarning", "compute_fisher", "fisher_merge", "ab_linear_error", "merge_lora", "analogy",
+    "negate", "task_arithmetic", "ties",
+]
