@@ -13,8 +13,8 @@ def tiny_bert_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny-bert")
     words = ["good", "great", "fine", "bad", "awful", "poor", "movie", "food", "the", "was", "very", "not"]
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words
-    (d / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    BertTokenizerFast(vocab_file=str(d / "vocab.txt")).save_pretrained(d)
+
+    BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(d)
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                      intermediate_size=64, max_position_embeddings=64)

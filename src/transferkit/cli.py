@@ -138,7 +138,7 @@ def features(
 def rank(
     data: str = typer.Option(..., "--data", help="Target dataset name or path."),
     models: str = typer.Option(..., "--models", help="Comma-separated candidate models."),
-    metrics: str = typer.Option("logme,linear", help="Comma-separated metrics, or 'all'."),
+    metrics: str = typer.Option("logme,linear_probe", help="Comma-separated metrics, or 'all'."),
     limit: Optional[int] = typer.Option(None, help="At most this many target samples (stratified)."),
     per_class: Optional[int] = typer.Option(None, "--per-class", help="At most this many samples per class."),
     seed: int = typer.Option(0),
@@ -180,8 +180,8 @@ def _render_rank(result: dict) -> None:
 @app.command()
 @_guard
 def tune(
-    data: str = typer.Option(..., "--data", help="Target dataset name or path."),
-    model: str = typer.Option(..., "--model", help="Source model name or path."),
+    data: Optional[str] = typer.Option(None, "--data", help="Target dataset name or path (required)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Source model name or path (required)."),
     method: str = typer.Option("linear", help="linear | full (PEFT methods arrive with the tune issue)."),
     config: Optional[Path] = typer.Option(None, help="YAML/JSON file of training options (epochs, lr, …)."),
     epochs: Optional[int] = typer.Option(None), lr: Optional[float] = typer.Option(None),
@@ -204,6 +204,8 @@ def tune(
     if list_methods:
         _emit(METHODS, as_json, lambda d: [typer.echo(f"{k:8s} {v}") for k, v in d.items()])
         return
+    if not data or not model:
+        raise TransferkitError("tune needs --data and --model (or --list)")
     from .data import load_dataset, train_test_split
     from .zoo import load_model
 

@@ -104,8 +104,9 @@ class Classifier(nn.Module):
             self.head.weight.uniform_(-bound, bound, generator=gen)
             self.head.bias.zero_()
 
-    def forward(self, inputs: Any) -> torch.Tensor:
-        return self.head(self.backbone(inputs))
+    def forward(self, inputs: Any = None, **named: torch.Tensor) -> torch.Tensor:
+        """``inputs`` as one tensor or dict, or text inputs as keywords (``model(**batch)``)."""
+        return self.head(self.backbone(named if inputs is None else inputs))
 
 
 def read_tap(backbone: nn.Module, inputs: Any, tap: str, return_output: bool = False):
@@ -164,6 +165,8 @@ class ImagePreprocess:
 
     def __call__(self, images: Any) -> torch.Tensor:
         arr = np.asarray(images)
+        if not arr.flags.writeable:  # e.g. PIL-backed arrays; torch warns on non-writable memory
+            arr = arr.copy()
         x = torch.as_tensor(arr)
         if x.dim() == 3:
             x = x.unsqueeze(-1)
@@ -202,6 +205,7 @@ class MeanPooledEncoder(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    def forward(self, inputs: dict[str, torch.Tensor] | None = None, **named: torch.Tensor) -> torch.Tensor:
+        inputs = named if inputs is None else inputs
         out = self.model(**inputs)
         return pool(out.last_hidden_state, inputs["attention_mask"])
