@@ -1,0 +1,26 @@
+"""The training engine: one loop on Hugging Face Accelerate, driven by objectives.
+
+>>> from transferkit.engine import train, evaluate, TrainConfig, CrossEntropy
+>>> result = train(model, (X, y), CrossEntropy(), TrainConfig(epochs=3), val_data=(Xv, yv))  # doctest: +SKIP
+
+See :mod:`transferkit.engine.loop` for determinism, resume and multi-process launching, and
+:mod:`transferkit.engine.objectives` for the batch convention and how to write an objective.
+"""
+
+from .checkpoint import latest_checkpoint, list_checkpoints
+from .loop import TrainConfig, TrainResult, evaluate, lr_factor, train
+from .objectives import CrossEntropy, Objective, forward, logits_of
+
+__all__ = [
+    "TrainConfig",
+    "TrainResult",
+    "train",
+    "evaluate",
+    "lr_factor",
+    "Objective",
+    "CrossEntropy",
+    "forward",
+    "logits_of",
+    "latest_checkpoint",
+    "list_checkpoints",
+]

@@ -1,0 +1,899 @@
+"""The training loop every method uses: :func:`train` and :func:`evaluate`.
+
+Built on Hugging Face Accelerate, which places the model, wraps it for DDP and handles mixed precision;
+the loop itself keeps data order, accumulation, clipping, scheduling, evaluation, early stopping and
+checkpoints, so that every method gets the same behaviour and the same files.
+
+Determinism and resume
+----------------------
+Nothing in the loop depends on hidden state:
+
+- the data order of epoch ``e`` is a permutation drawn from a generator seeded with ``(seed, e)``;
+  each rank takes every ``world_size``-th index of it;
+- the global torch RNG (dropout, noise in objectives) is reseeded from ``(seed, step, rank)`` before
+  every optimizer step.
+
+A run resumed from the checkpoint of step ``s`` therefore sees exactly the batches and random numbers
+the uninterrupted run saw after step ``s`` and ends with the same weights and metrics.
+
+Multi-process and multi-GPU
+---------------------------
+One code path for one and many processes. Each process trains on its shard of every epoch (the
+shards have equal sizes: the permutation is padded by wrapping around), gradients are averaged by
+DDP, evaluation sums are reduced over all processes, and only the main process writes files or shows
+a progress bar. ``batch_size`` is per process: the effective batch is
+``batch_size * grad_accum * world_size``. Launch::
+
+    accelerate launch --multi_gpu --num_processes 4 my_script.py     # GPUs, one node
+    torchrun --nproc_per_node 4 my_script.py                          # same, plain torch
+    torchrun --nproc_per_node 2 my_script.py   # CPU (gloo), with TrainConfig(cpu=True)
+
+(``accelerate launch --cpu --num_processes 2`` starts a single process; use torchrun on CPU.)
+Checkpoints assume all processes see the same file system (one node or a shared disk).
+
+Examples
+--------
+>>> from transferkit.engine import train, TrainConfig, CrossEntropy
+>>> result = train(model, (X_train, y_train), CrossEntropy(), TrainConfig(epochs=5, lr=1e-3),
+...                val_data=(X_val, y_val), out_dir="runs/probe")            # doctest: +SKIP
+>>> result.metrics["val_accuracy"]                                         # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import sys
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, default_collate
+
+from ..errors import ConfigError, DataError
+from ..io import write_json
+from .checkpoint import latest_checkpoint, load_checkpoint, load_module_state, module_state, save_checkpoint
+from .objectives import CrossEntropy, forward
+
+__all__ = ["TrainConfig", "TrainResult", "train", "evaluate", "lr_factor"]
+
+log = logging.getLogger("transferkit.engine")
+
+_OPTIMIZERS = ("adamw", "adam", "sgd")
+_SCHEDULERS = ("linear", "cosine", "constant")
+_PRECISIONS = ("no", "fp16", "bf16")
+# options that may change between a run and its resume without changing the trajectory
+_RESUME_FREE = {"progress", "num_workers", "checkpoint_every", "keep_checkpoints", "eval_batch_size",
+                "log_every", "cpu"}
+
+
+# --------------------------------------------------------------------------------------------- config
+@dataclass
+class TrainConfig:
+    """Options of :func:`train`. Invalid values raise a one-line :class:`ConfigError`.
+
+    Parameters
+    ----------
+    epochs : passes over the (first) training stream; ignored when ``max_steps`` is set.
+    max_steps : total optimizer steps; overrides ``epochs``.
+    batch_size : samples per micro-batch *per process*.
+    eval_batch_size : batch size of evaluation.
+    lr, weight_decay : learning rate; decoupled weight decay (adamw) or L2 (adam, sgd), applied to
+        parameters with 2 or more dimensions only (not to biases and norm scales).
+    optimizer : ``adamw`` | ``adam`` | ``sgd``; ``momentum`` is used by sgd.
+    scheduler : ``linear`` | ``cosine`` | ``constant``, after ``warmup_ratio * total_steps`` steps of
+        linear warm-up. The lr of update ``s`` (0-based) is ``lr * (s+1)/(W+1)`` for ``s < W``, then
+        ``lr * (T-s)/(T-W)`` (linear) or ``lr * (1 + cos(pi (s-W)/(T-W)))/2`` (cosine).
+    grad_accum : micro-batches per optimizer step; micro-batch losses are weighted by their size so
+        that ``grad_accum=k`` with ``batch_size=b`` gives the update of one batch of ``k*b``.
+    max_grad_norm : clip the global gradient norm (None: no clipping).
+    mixed_precision : ``no`` | ``fp16`` | ``bf16`` (Accelerate autocast; fp16 uses a grad scaler).
+    eval_every : evaluate every N steps (None: at the end of each epoch); always also at the end.
+    early_stopping_patience : stop after this many evaluations without improvement of the metric and
+        restore the best weights.
+    restore_best : restore the best weights at the end even without early stopping.
+    checkpoint_every : write a checkpoint every N steps (and at the end) when ``out_dir`` is given.
+    keep_checkpoints : how many complete checkpoints to keep.
+    log_every : steps between training-loss records in the history.
+    seed : seeds data order and the per-step RNG.
+    shuffle : shuffle the training data each epoch.
+    num_workers : DataLoader worker processes.
+    cpu : force the CPU even when a GPU is present.
+    progress : progress bar on stderr (main process only).
+    """
+
+    epochs: int = 3
+    max_steps: int | None = None
+    batch_size: int = 32
+    eval_batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    optimizer: str = "adamw"
+    momentum: float = 0.0
+    scheduler: str = "linear"
+    warmup_ratio: float = 0.0
+    grad_accum: int = 1
+    max_grad_norm: float | None = 1.0
+    mixed_precision: str = "no"
+    eval_every: int | None = None
+    early_stopping_patience: int | None = None
+    restore_best: bool = False
+    checkpoint_every: int | None = None
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    seed: int = 0
+    shuffle: bool = True
+    num_workers: int = 0
+    cpu: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _check_type(f.name, str(f.type), getattr(self, f.name)))
+        _at_least(self, 1, "epochs", "batch_size", "eval_batch_size", "grad_accum", "keep_checkpoints",
+                  "log_every", "max_steps", "eval_every", "early_stopping_patience", "checkpoint_every")
+        _at_least(self, 0, "num_workers", "seed")
+        if not self.lr > 0 or not math.isfinite(self.lr):
+            raise ConfigError(f"train option lr must be a positive number, got {self.lr}")
+        if not 0 <= self.weight_decay < math.inf:
+            raise ConfigError(f"train option weight_decay must be >= 0, got {self.weight_decay}")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"train option momentum must be in [0, 1), got {self.momentum}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"train option warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ConfigError(f"train option max_grad_norm must be > 0 or null, got {self.max_grad_norm}")
+        for name, allowed in (("optimizer", _OPTIMIZERS), ("scheduler", _SCHEDULERS),
+                              ("mixed_precision", _PRECISIONS)):
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ConfigError(f"train option {name} must be one of {', '.join(allowed)}, got {value!r}")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> TrainConfig:
+        """Build from a mapping (a YAML section); unknown keys raise ConfigError."""
+        if d is None:
+            return cls()
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"train options must be a mapping, got {type(d).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown train option {unknown[0]!r} (known: {', '.join(sorted(known))})")
+        return cls(**dict(d))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check_type(name: str, annotation: str, value: Any) -> Any:
+    optional = "None" in annotation
+    kind = annotation.split("|")[0].strip()
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"train option {name} must not be null")
+    bad = ConfigError(f"train option {name} must be {'a' if kind != 'int' else 'an'} {kind}"
+                      f"{' or null' if optional else ''}, got {value!r}")
+    if kind == "bool":
+        if not isinstance(value, (bool, np.bool_)):
+            raise bad
+        return bool(value)
+    if isinstance(value, (bool, np.bool_)):
+        raise bad
+    if kind == "int":
+        if isinstance(value, (int, np.integer)):
+            return int(value)
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise bad
+    if kind == "float":
+        if isinstance(value, (int, float, np.integer, np.floating)):
+            return float(value)
+        raise bad
+    if kind == "str":
+        if isinstance(value, str):
+            return value
+        raise bad
+    return value
+
+
+def _at_least(cfg: TrainConfig, low: int, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if value is not None and value < low:
+            raise ConfigError(f"train option {name} must be >= {low}, got {value}")
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns (the model itself is trained in place).
+
+    metrics : final metrics: ``val_<name>`` of the returned weights (best ones when restored),
+        ``train_loss`` (last record), ``steps``, ``best_step``, ``stopped_early``, ``world_size``.
+    history : one record per log/eval point: ``step``, ``epoch``, ``lr``, ``train_*``, ``val_*``.
+    best_step : step of the best evaluation (the last step without validation data).
+    steps : optimizer steps done.
+    out_dir : where ``history.json``, ``metrics.json`` and ``checkpoints/`` were written.
+    """
+
+    metrics: dict[str, Any]
+    history: list[dict[str, Any]]
+    best_step: int
+    steps: int
+    out_dir: Path | None = None
+    stopped_early: bool = False
+
+
+# ----------------------------------------------------------------------------------------------- data
+class _ArrayData(Dataset):
+    """In-memory arrays: ``inputs`` (tensor or dict of tensors), ``labels`` (optional)."""
+
+    def __init__(self, inputs: Any, labels: Any, batched: bool):
+        self.inputs = inputs
+        self.labels = labels
+        self.batched = batched
+        first = next(iter(inputs.values())) if isinstance(inputs, dict) else inputs
+        self.n = len(first)
+        lengths = [len(v) for v in inputs.values()] if isinstance(inputs, dict) else [self.n]
+        if labels is not None:
+            lengths.append(len(labels))
+        if len(set(lengths)) != 1:
+            raise DataError(f"inputs and labels have different lengths: {sorted(set(lengths))}")
+
+    def __len__(self) -> int:
+        return self.n
+
+    def _take(self, idx: Any) -> dict[str, Any]:
+        x = {k: v[idx] for k, v in self.inputs.items()} if isinstance(self.inputs, dict) else self.inputs[idx]
+        out = {"inputs": x}
+        if self.labels is not None:
+            out["labels"] = self.labels[idx]
+        return out
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self._take(i)
+
+    def __getitems__(self, idx: list[int]) -> Any:
+        if self.batched:  # one fancy-indexing op instead of stacking per-item tensors
+            return self._take(torch.as_tensor(idx, dtype=torch.long))
+        return [self._take(i) for i in idx]
+
+
+def _as_tensor(a: Any, what: str, labels: bool = False) -> torch.Tensor:
+    try:
+        t = torch.as_tensor(np.asarray(a) if not isinstance(a, torch.Tensor) else a)
+    except Exception as exc:
+        raise DataError(f"{what} cannot be turned into a tensor: {type(exc).__name__}") from None
+    if t.ndim == 0:
+        raise DataError(f"{what} must have a sample dimension, got a scalar")
+    if labels and not t.is_floating_point() and t.dtype != torch.bool:
+        return t.long()
+    if t.dtype == torch.float64:
+        t = t.float()
+    return t
+
+
+def _is_array(a: Any) -> bool:
+    return isinstance(a, (torch.Tensor, np.ndarray)) or (isinstance(a, list) and not isinstance(a, str))
+
+
+def _as_dataset(data: Any, what: str, batched: bool) -> Dataset:
+    """A map-style Dataset from a Dataset, ``(X, y)``, ``(X,)`` or ``{"inputs": X, "labels": y}``."""
+    if isinstance(data, Dataset) or (
+            hasattr(data, "__getitem__") and hasattr(data, "__len__")
+            and not isinstance(data, (tuple, list, Mapping, str, torch.Tensor, np.ndarray))):
+        ds = data  # torch Dataset, or any map-style sequence (a Hugging Face datasets.Dataset)
+    elif isinstance(data, (tuple, list)) and 1 <= len(data) <= 2 and all(
+            _is_array(a) or isinstance(a, Mapping) for a in data):
+        x = data[0]
+        x = {k: _as_tensor(v, f"{what} inputs[{k!r}]") for k, v in x.items()} if isinstance(x, Mapping) \
+            else _as_tensor(x, f"{what} inputs")
+        y = _as_tensor(data[1], f"{what} labels", labels=True) if len(data) == 2 else None
+        ds = _ArrayData(x, y, batched)
+    elif isinstance(data, Mapping) and "inputs" in data:
+        extra = sorted(set(data) - {"inputs", "labels"})
+        if extra:
+            raise DataError(f"{what} has unexpected keys {extra} (expected 'inputs' and 'labels')")
+        return _as_dataset((data["inputs"], data["labels"]) if "labels" in data else (data["inputs"],),
+                           what, batched)
+    else:
+        raise DataError(f"{what} must be a torch Dataset, an (inputs, labels) pair or a mapping with "
+                        f"'inputs', got {type(data).__name__}")
+    try:
+        n = len(ds)
+    except TypeError:
+        raise DataError(f"{what} must have a length (iterable datasets are not supported)") from None
+    if n == 0:
+        raise DataError(f"{what} is empty")
+    return ds
+
+
+def _streams(data: Any, batched: bool) -> list[tuple[str | None, Dataset]]:
+    """One unnamed stream, or named streams for ``{"source": ..., "target": ...}``."""
+    if isinstance(data, Mapping) and "inputs" not in data:
+        if not data:
+            raise DataError("train data is empty")
+        return [(str(k), _as_dataset(v, f"train data {k!r}", batched)) for k, v in data.items()]
+    return [(None, _as_dataset(data, "train data", batched))]
+
+
+def _to_batch(b: Any) -> Any:
+    if isinstance(b, Mapping):
+        return b
+    if isinstance(b, (tuple, list)):
+        if len(b) == 2:
+            return {"inputs": b[0], "labels": b[1]}
+        if len(b) == 1:
+            return {"inputs": b[0]}
+    if isinstance(b, torch.Tensor):
+        return {"inputs": b}
+    raise DataError(f"cannot interpret a batch of type {type(b).__name__}; return a dict from collate_fn")
+
+
+def _identity(x: Any) -> Any:
+    return x
+
+
+def _collate_for(ds: Dataset, collate_fn: Callable | None) -> Callable:
+    if collate_fn is not None:
+        return collate_fn
+    if isinstance(ds, _ArrayData) and ds.batched:
+        return _identity
+    return default_collate
+
+
+def _mix(*ints: int) -> int:
+    """A 63-bit seed from a tuple of non-negative ints."""
+    a, b = np.random.SeedSequence([int(i) for i in ints]).generate_state(2, dtype=np.uint32)
+    return int(a) << 31 ^ int(b)
+
+
+def _order(n: int, seed: int, stream: int, epoch: int, shuffle: bool) -> torch.Tensor:
+    if not shuffle:
+        return torch.arange(n)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(_mix(seed, stream, epoch)))
+
+
+def _rank_batches(order: torch.Tensor, rank: int, world: int, bs: int) -> list[list[int]]:
+    """This rank's micro-batches: every ``world``-th index of ``order``, padded to equal shard sizes."""
+    n = len(order)
+    per_rank = -(-n // world)
+    if per_rank * world != n:
+        order = order.repeat(-(-per_rank * world // n))[: per_rank * world]
+    local = order[rank::world].tolist()
+    return [local[i: i + bs] for i in range(0, len(local), bs)]
+
+
+def _to_device(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, Mapping):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_device(v, device) for v in obj)
+    return obj
+
+
+def _loader(ds: Dataset, batches: list[list[int]], collate: Callable, workers: int, seed: int) -> DataLoader:
+    return DataLoader(ds, batch_sampler=batches, collate_fn=collate, num_workers=workers,
+                      generator=torch.Generator().manual_seed(seed))
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+def evaluate(model: nn.Module, data: Any, *, collate_fn: Callable | None = None, batch_size: int = 128,
+             predictions: bool = False, accelerator: Any = None) -> dict[str, Any]:
+    """Accuracy and mean cross-entropy of a classifier on ``data``.
+
+    Parameters
+    ----------
+    model : called as ``forward(model, batch["inputs"])`` (see :mod:`.objectives`); returns (N, C) logits.
+    data : a Dataset, ``(X, y)`` or ``{"inputs": X, "labels": y}``; without labels only predictions
+        are returned (with ``predictions=True``).
+    batch_size : evaluation batch size (per process).
+    predictions : also return ``predictions``, the (N,) int64 numpy array of argmax classes in data order.
+    accelerator : an ``accelerate.Accelerator``; when it runs several processes each evaluates a shard
+        and the sums are reduced, so every process gets the metrics of the whole set.
+
+    Returns
+    -------
+    dict with ``accuracy``, ``loss`` (floats), ``n`` (int) and optionally ``predictions``.
+    """
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+    ds = _as_dataset(data, "evaluation data", batched=collate_fn is None)
+    collate = _collate_for(ds, collate_fn)
+    n = len(ds)
+    if accelerator is not None:
+        world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
+        autocast = accelerator.autocast
+    else:
+        world, rank = 1, 0
+        p = next(iter(model.parameters()), None)
+        device = p.device if p is not None else torch.device("cpu")
+        autocast = contextlib.nullcontext
+    has_labels = "labels" in _to_batch(collate(ds.__getitems__([0]) if isinstance(ds, _ArrayData)
+                                               else [ds[0]]))
+    if not has_labels and not predictions:
+        raise DataError("evaluation data has no labels; pass predictions=True to only predict")
+    local = list(range(rank, n, world))
+    batches = [local[i: i + batch_size] for i in range(0, len(local), batch_size)]
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.float64, device=device)
+    preds: list[torch.Tensor] = []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), autocast():
+            for raw in (_loader(ds, batches, collate, 0, 0) if batches else []):
+                batch = _to_device(_to_batch(raw), device)
+                logits = forward(model, batch["inputs"]).float()
+                pred = logits.argmax(-1)
+                if has_labels:
+                    labels = batch["labels"]
+                    loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
+                    correct += (pred == labels).sum().double()
+                if predictions:
+                    preds.append(pred)
+    finally:
+        model.train(was_training)
+    out: dict[str, Any] = {"n": n}
+    if has_labels:
+        sums = torch.stack([loss_sum, correct])
+        if world > 1:
+            sums = accelerator.reduce(sums, reduction="sum")
+        out["loss"] = float(sums[0]) / n
+        out["accuracy"] = float(sums[1]) / n
+    if predictions:
+        local_pred = torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long, device=device)
+        if world > 1:
+            width = -(-n // world)
+            padded = torch.full((width,), -1, dtype=torch.long, device=device)
+            padded[: len(local_pred)] = local_pred
+            # rank r holds samples r, r+world, ...: interleave the gathered rows back into data order
+            local_pred = accelerator.gather(padded).reshape(world, width).T.reshape(-1)[:n]
+        out["predictions"] = local_pred.cpu().numpy().astype(np.int64)
+    return out
+
+
+# -------------------------------------------------------------------------------------------- training
+class _Bundle(nn.Module):
+    """Model + objective as one module, so DDP syncs the objective's own parameters too."""
+
+    def __init__(self, model: nn.Module, objective: Any):
+        super().__init__()
+        self.model = model
+        self.objective = objective
+
+    def forward(self, batch: Any) -> Any:
+        return self.objective(self.model, batch)
+
+    def train(self, mode: bool = True) -> _Bundle:
+        self.training = mode
+        self.model.train(mode)
+        if isinstance(self.objective, nn.Module):
+            self.objective.train(mode)
+        return self
+
+
+def _make_accelerator(config: TrainConfig) -> Any:
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    kwargs = dict(cpu=config.cpu, mixed_precision=config.mixed_precision)
+    try:
+        return Accelerator(**kwargs)
+    except ValueError as exc:
+        # a previous train() in this process used another precision; the process group is kept
+        if "already been initialized" not in str(exc):
+            raise ConfigError(f"cannot set up accelerate: {exc}") from None
+        AcceleratorState._reset_state()
+        return Accelerator(**kwargs)
+
+
+def _select_trainable(model: nn.Module, trainable: Iterable[Any] | None) -> dict[str, bool]:
+    """Apply a ``trainable`` selection to requires_grad; return the flags to restore afterwards."""
+    if trainable is None:
+        return {}
+    if isinstance(trainable, (str, nn.Parameter)):
+        trainable = [trainable]
+    named = dict(model.named_parameters())
+    by_id = {id(p): n for n, p in named.items()}
+    chosen: set[str] = set()
+    for item in trainable:
+        if isinstance(item, torch.Tensor):
+            if id(item) not in by_id:
+                raise ConfigError("a trainable parameter does not belong to the model")
+            chosen.add(by_id[id(item)])
+        elif isinstance(item, str):
+            hits = [n for n in named if n == item or n.startswith(item.rstrip(".") + ".")]
+            if not hits:
+                raise ConfigError(f"trainable name {item!r} matches no parameter of the model")
+            chosen.update(hits)
+        else:
+            raise ConfigError(f"trainable entries must be parameter names or parameters, got {type(item).__name__}")
+    saved = {n: p.requires_grad for n, p in named.items()}
+    for n, p in named.items():
+        p.requires_grad_(n in chosen)
+    return saved
+
+
+def _build_optimizer(config: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [g for g in ({"params": decay, "weight_decay": config.weight_decay},
+                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=config.lr)
+    if config.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=config.lr)
+    return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
+
+
+def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
+    """Multiplier of the base lr for update ``step`` (0-based) of ``total`` with ``warmup`` steps."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if kind == "constant":
+        return 1.0
+    span = max(1, total - warmup)
+    frac = min(1.0, (step - warmup) / span)
+    if kind == "linear":
+        return max(0.0, 1.0 - frac)
+    return 0.5 * (1.0 + math.cos(math.pi * frac))
+
+
+def _coerce_config(config: Any) -> TrainConfig:
+    if config is None:
+        return TrainConfig()
+    if isinstance(config, TrainConfig):
+        return config
+    if isinstance(config, Mapping):
+        return TrainConfig.from_dict(config)
+    raise ConfigError(f"config must be a TrainConfig or a mapping, got {type(config).__name__}")
+
+
+def _reseed(seed: int, device: torch.device) -> None:
+    """Seed the global RNGs that a step can use (cheaper than torch.manual_seed on CPU-only builds)."""
+    if device.type == "cpu":
+        torch.default_generator.manual_seed(seed)
+    elif device.type == "cuda":
+        torch.default_generator.manual_seed(seed)
+        torch.cuda.manual_seed(seed)
+    else:
+        torch.manual_seed(seed)
+
+
+def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in module_state(model).items()}
+
+
+def train(model: nn.Module, train_data: Any, objective: Any = None, config: TrainConfig | Mapping | None = None,
+          *, val_data: Any = None, collate_fn: Callable | None = None, out_dir: str | Path | None = None,
+          resume: bool = False, trainable: Iterable[Any] | None = None, metric: str = "accuracy",
+          accelerator: Any = None) -> TrainResult:
+    """Train ``model`` in place with ``objective`` and return the curve and final metrics.
+
+    Parameters
+    ----------
+    model : the module to train; it is moved to the accelerator's device.
+    train_data : a Dataset, ``(X, y)``, ``{"inputs": X, "labels": y}``, or a mapping of named streams
+        (``{"source": ..., "target": ...}``) whose batches reach the objective as
+        ``{"source": batch, "target": batch}``; an epoch is one pass over the first stream, the others
+        cycle with their own seeded order.
+    objective : ``objective(model, batch) -> (mean loss, logs)``; default :class:`CrossEntropy`.
+    config : a :class:`TrainConfig` or a mapping for :meth:`TrainConfig.from_dict`.
+    val_data : evaluated with :func:`evaluate` (accuracy, loss) for model selection / early stopping.
+    collate_fn : turns a list of dataset items into a batch (default: torch's ``default_collate``;
+        arrays are batched directly). A tuple batch ``(X, y)`` becomes ``{"inputs": X, "labels": y}``.
+    out_dir : where ``history.json``, ``metrics.json`` and ``checkpoints/step-N/`` go (main process).
+    resume : continue from the newest complete checkpoint in ``out_dir`` (from scratch if none).
+    trainable : parameter names (exact or module prefixes) or parameters to optimise; the others are
+        frozen for the run. Default: the parameters with ``requires_grad``. Trainable parameters of an
+        ``nn.Module`` objective are always optimised.
+    metric : validation metric for model selection: ``accuracy`` (higher is better) or ``loss``.
+    accelerator : an existing ``accelerate.Accelerator`` (default: one made from the config).
+
+    Returns
+    -------
+    TrainResult
+    """
+    config = _coerce_config(config)
+    if metric not in ("accuracy", "loss"):
+        raise ConfigError(f"metric must be 'accuracy' or 'loss', got {metric!r}")
+    if resume and out_dir is None:
+        raise ConfigError("resume=True needs an out_dir holding checkpoints")
+    if config.early_stopping_patience is not None and val_data is None:
+        raise ConfigError("early_stopping_patience needs val_data")
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    objective = CrossEntropy() if objective is None else objective
+    if not callable(objective):
+        raise ConfigError(f"objective must be callable, got {type(objective).__name__}")
+    streams = _streams(train_data, batched=collate_fn is None)
+    val = _as_dataset(val_data, "validation data", batched=collate_fn is None) if val_data is not None else None
+    out = Path(out_dir) if out_dir is not None else None
+
+    saved_flags = _select_trainable(model, trainable)
+    try:
+        return _train(model, streams, objective, config, val, collate_fn, out, resume, metric,
+                      accelerator)
+    finally:
+        for n, p in model.named_parameters():
+            if n in saved_flags:
+                p.requires_grad_(saved_flags[n])
+
+
+def _train(model, streams, objective, config, val, collate_fn, out, resume, metric, accelerator):
+    acc = accelerator if accelerator is not None else _make_accelerator(config)
+    world, rank, main = acc.num_processes, acc.process_index, acc.is_main_process
+    k = config.grad_accum
+
+    params: list[nn.Parameter] = []
+    seen: set[int] = set()
+    modules = [model] + ([objective] if isinstance(objective, nn.Module) else [])
+    for m in modules:
+        for p in m.parameters():
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                params.append(p)
+    if not params:
+        raise ConfigError("nothing to train: no parameter requires grad")
+
+    bundle = _Bundle(model, objective)
+    optimizer = _build_optimizer(config, params)
+    bundle, optimizer = acc.prepare(bundle, optimizer)
+    device = acc.device
+
+    # ---- schedule of micro-batches
+    main_ds = streams[0][1]
+    n_main = len(main_ds)
+    nb = len(_rank_batches(torch.arange(n_main), rank, world, config.batch_size))
+    steps_per_epoch = -(-nb // k)
+    total = config.max_steps if config.max_steps is not None else config.epochs * steps_per_epoch
+    warmup = int(config.warmup_ratio * total)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
+        lambda s: lr_factor(s, total, warmup, config.scheduler))
+    collates = [_collate_for(ds, collate_fn) for _, ds in streams]
+    higher_better = metric != "loss"
+    restore = config.restore_best or config.early_stopping_patience is not None
+
+    # ---- state (fresh or resumed)
+    step = 0
+    history: list[dict[str, Any]] = []
+    best = {"value": None, "step": 0, "metrics": {}}
+    bad_evals = 0
+    stopped = False
+    best_state: dict[str, torch.Tensor] | None = None
+    running: dict[str, torch.Tensor] = {}  # size-weighted sums of the logs since the last record
+    running_n = 0
+    last_eval_step = -1
+    ckpt_root = out / "checkpoints" if out is not None else None
+    fingerprint = {"world_size": world, "n_train": [len(ds) for _, ds in streams],
+                   "streams": [name for name, _ in streams]}
+    if resume and ckpt_root is not None and (path := latest_checkpoint(ckpt_root)) is not None:
+        tensors, state = load_checkpoint(path)
+        _check_resumable(state, config, fingerprint, path)
+        load_module_state(model, tensors.get("model", {}))
+        if isinstance(objective, nn.Module):
+            load_module_state(objective, tensors.get("objective", {}))
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler") is not None and getattr(acc, "scaler", None) is not None:
+            acc.scaler.load_state_dict(state["scaler"])
+        step, history, bad_evals = state["step"], list(state["history"]), state["bad_evals"]
+        best, stopped, last_eval_step = dict(state["best"]), state["stopped"], state["last_eval_step"]
+        best_state = tensors.get("best")
+        running = {k_: v.to(device) for k_, v in state["running"].items()}
+        running_n = int(state["running_n"])
+        if main:
+            log.info("resumed from %s (step %d of %d)", path, step, total)
+
+    def flush(rec: dict[str, Any]) -> None:
+        nonlocal running, running_n
+        if running_n == 0:  # equal on every rank: the shards have equal sizes
+            return
+        keys = sorted(running)
+        vec = torch.stack([running[x].to(device, torch.float32) for x in keys]
+                          + [torch.tensor(float(running_n), device=device)])
+        if world > 1:
+            vec = acc.reduce(vec, reduction="sum")
+        vec = vec.double().cpu()
+        for i, key in enumerate(keys):
+            rec[f"train_{key}"] = float(vec[i] / vec[-1])
+        running = {}
+        running_n = 0
+
+    def write_files(final_metrics: dict | None = None) -> None:
+        if out is None or not main:
+            return
+        write_json(out / "history.json", history)
+        if final_metrics is not None:
+            write_json(out / "metrics.json", final_metrics)
+
+    def checkpoint() -> None:
+        if ckpt_root is None:
+            return
+        if main:
+            tensors = {"model": module_state(model)}
+            if isinstance(objective, nn.Module):
+                tensors["objective"] = module_state(objective)
+            if best_state is not None:
+                tensors["best"] = best_state
+            state = {
+                "step": step, "history": history, "bad_evals": bad_evals, "best": best,
+                "stopped": stopped, "last_eval_step": last_eval_step,
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": acc.scaler.state_dict() if getattr(acc, "scaler", None) is not None else None,
+                "running": {x: v.detach().cpu() for x, v in running.items()},
+                "running_n": running_n,
+                "config": config.to_dict(), "fingerprint": fingerprint, "total_steps": total,
+            }
+            save_checkpoint(ckpt_root, step, tensors=tensors, state=state, keep=config.keep_checkpoints)
+            write_files()
+        acc.wait_for_everyone()
+
+    pbar, postfix = None, {}
+    if config.progress and main:
+        from tqdm.auto import tqdm
+
+        pbar = tqdm(total=total, initial=step, file=sys.stderr, desc="train", dynamic_ncols=True,
+                    leave=False)
+
+    bundle.train()
+    secondary_cache: dict[tuple[int, int], list[list[int]]] = {}
+
+    def stream_batches(si: int, g0: int, g1: int) -> list[list[int]]:
+        """Micro-batches g0..g1-1 of secondary stream ``si`` (cycles with its own epochs)."""
+        ds = streams[si][1]
+        per = len(_rank_batches(torch.arange(len(ds)), rank, world, config.batch_size))
+        res = []
+        for g in range(g0, g1):
+            e, j = divmod(g, per)
+            if (si, e) not in secondary_cache:
+                if len(secondary_cache) > 8:
+                    secondary_cache.clear()
+                secondary_cache[(si, e)] = _rank_batches(
+                    _order(len(ds), config.seed, si, e, config.shuffle), rank, world, config.batch_size)
+            res.append(secondary_cache[(si, e)][j])
+        return res
+
+    try:
+        while step < total and not stopped:
+            epoch, done_in_epoch = divmod(step, steps_per_epoch)
+            main_batches = _rank_batches(_order(n_main, config.seed, 0, epoch, config.shuffle),
+                                         rank, world, config.batch_size)
+            j0 = done_in_epoch * k
+            steps_here = min(steps_per_epoch - done_in_epoch, total - step)
+            j1 = min(nb, j0 + steps_here * k)
+            per_stream = [main_batches[j0:j1]] + [stream_batches(si, epoch * nb + j0, epoch * nb + j1)
+                                                 for si in range(1, len(streams))]
+            loaders = [_loader(ds, b, c, config.num_workers, _mix(config.seed, 7, si, epoch, j0))
+                       for si, ((_, ds), b, c) in enumerate(zip(streams, per_stream, collates))]
+            it = zip(*loaders)
+            for g_start in range(j0, j1, k):
+                sizes = [len(b) for b in main_batches[g_start: min(g_start + k, j1)]]
+                group_n = sum(sizes)
+                if hasattr(objective, "on_step"):
+                    objective.on_step(step, total)
+                _reseed(_mix(config.seed, 1, step, rank), device)
+                for i, size in enumerate(sizes):
+                    raws = next(it)
+                    if streams[0][0] is None:
+                        batch = _to_batch(raws[0])
+                    else:
+                        batch = {name: _to_batch(r) for (name, _), r in zip(streams, raws)}
+                    batch = _to_device(batch, device)
+                    sync = contextlib.nullcontext() if i == len(sizes) - 1 else acc.no_sync(bundle)
+                    with sync:
+                        loss, logs = bundle(batch)
+                        if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
+                            raise ConfigError("objective must return a scalar loss tensor and a dict of logs")
+                        acc.backward(loss * (size / group_n))
+                    for key, value in {"loss": loss, **(logs or {})}.items():
+                        v = value.detach().float().reshape(()) if isinstance(value, torch.Tensor) \
+                            else torch.tensor(float(value), device=device)
+                        running[key] = running[key] + v * size if key in running else v * size
+                    running_n += size
+                if config.max_grad_norm is not None:
+                    acc.clip_grad_norm_(params, config.max_grad_norm)
+                lr = optimizer.param_groups[0]["lr"]
+                optimizer.step()
+                if not acc.optimizer_step_was_skipped:
+                    scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+
+                end_of_epoch = g_start + k >= nb
+                do_eval = val is not None and (
+                    step == total
+                    or (config.eval_every is not None and step % config.eval_every == 0)
+                    or (config.eval_every is None and end_of_epoch))
+                rec: dict[str, Any] = {}
+                if step % config.log_every == 0 or do_eval or step == total or end_of_epoch:
+                    flush(rec)
+                if do_eval:
+                    ev = evaluate(model, val, collate_fn=collate_fn, batch_size=config.eval_batch_size,
+                                  accelerator=acc)
+                    bundle.train()
+                    last_eval_step = step
+                    rec.update({f"val_{x}": v for x, v in ev.items() if x != "n"})
+                    value = ev[metric]
+                    improved = best["value"] is None or (
+                        value > best["value"] if higher_better else value < best["value"])
+                    if improved:
+                        best = {"value": value, "step": step, "metrics": dict(rec)}
+                        bad_evals = 0
+                        if restore:
+                            best_state = _snapshot(model)
+                    else:
+                        bad_evals += 1
+                        if config.early_stopping_patience is not None and bad_evals >= config.early_stopping_patience:
+                            stopped = True
+                if rec:
+                    rec = {"step": step, "epoch": round(step / steps_per_epoch, 4), "lr": lr, **rec}
+                    history.append(rec)
+                    if pbar is not None:
+                        postfix.update({x: f"{v:.4g}" for x, v in rec.items()
+                                        if x in ("train_loss", f"val_{metric}")})
+                        pbar.set_postfix(postfix, refresh=False)
+                if pbar is not None:
+                    pbar.update(1)
+                if config.checkpoint_every is not None and (
+                        step % config.checkpoint_every == 0 or step == total or stopped):
+                    checkpoint()
+                if stopped:
+                    break
+    finally:
+        if pbar is not None:
+            pbar.close()
+
+    # ---- finish
+    restored = False
+    if restore and best_state is not None and best["step"] != step:
+        load_module_state(model, best_state)
+        restored = True
+    train_recs = [r for r in history if "train_loss" in r]
+    metrics: dict[str, Any] = {}
+    if val is not None:
+        src = best["metrics"] if restored else next(
+            (r for r in reversed(history) if r["step"] == last_eval_step), {})
+        metrics.update({x: v for x, v in src.items() if x.startswith("val_")})
+    metrics.update({
+        "train_loss": train_recs[-1]["train_loss"] if train_recs else None,
+        "steps": step,
+        "best_step": best["step"] if val is not None else step,
+        "stopped_early": stopped,
+        "restored_best": restored,
+        "world_size": world,
+    })
+    write_files(metrics)
+    acc.wait_for_everyone()
+    bundle.train()
+    if accelerator is None:  # drop the accelerator's references to the wrapped model and optimizer
+        for attr in ("_models", "_optimizers", "_schedulers", "_dataloaders"):
+            if isinstance(getattr(acc, attr, None), list):
+                getattr(acc, attr).clear()
+    return TrainResult(metrics=metrics, history=history, best_step=metrics["best_step"], steps=step,
+                       out_dir=out, stopped_early=stopped)
+
+
+def _check_resumable(state: dict, config: TrainConfig, fingerprint: dict, path: Path) -> None:
+    old = state.get("config", {})
+    new = config.to_dict()
+    changed = sorted(x for x in set(old) | set(new) if x not in _RESUME_FREE and old.get(x) != new.get(x))
+    if changed:
+        x = changed[0]
+        raise ConfigError(f"cannot resume from {path}: option {x} was {old.get(x)!r}, now {new.get(x)!r}")
+    for key, value in fingerprint.items():
+        if state.get("fingerprint", {}).get(key) != value:
+            raise ConfigError(f"cannot resume from {path}: {key} was {state['fingerprint'].get(key)!r}, "
+                              f"now {value!r}")
