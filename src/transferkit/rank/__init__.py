@@ -37,6 +37,11 @@ from .sfda import sfda
 from .tmi import tmi
 from .transrate import transrate
 from .ped import ped  # last: wraps the others
+# set-level rankers and selection (not registry metrics: their values depend on the candidate set)
+from .etran import etran_components, etran_rank
+from .ncti import ncti_components, ncti_rank
+from .ensemble import ensemble_accuracy, select_ensemble
+from .auto import aggregate_ranks, auto_rank
 
 __all__ = [
     "METRICS",
@@ -61,6 +66,14 @@ __all__ = [
     "sfda",
     "tmi",
     "ped",
+    "etran_rank",
+    "etran_components",
+    "ncti_rank",
+    "ncti_components",
+    "select_ensemble",
+    "ensemble_accuracy",
+    "auto_rank",
+    "aggregate_ranks",
 ]
 
 
