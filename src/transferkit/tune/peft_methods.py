@@ -1,0 +1,360 @@
+"""LoRA, IA3, prefix tuning and prompt tuning through Hugging Face PEFT.
+
+transferkit builds the PEFT configuration, trains with its own engine, and saves the adapter in
+PEFT's format into ``out_dir/peft/``, so that PEFT itself loads it::
+
+    from peft import PeftModel
+    from transferkit.tune import peft_base
+    base = peft_base(zoo_model, n_classes, method="lora")        # what the adapter was trained on
+    model = PeftModel.from_pretrained(base, "runs/lora/peft")     # same logits as transferkit's run
+
+Which base
+----------
+- ``lora`` / ``ia3``: the :class:`~transferkit.zoo.base.Classifier` (backbone + new linear head) of
+  any ZooModel — Hugging Face text encoders (default targets: ``query``/``value`` for LoRA;
+  key, value and the FFN output projection for IA3) and plain torch models (default targets: every
+  ``nn.Linear`` and non-grouped ``nn.Conv2d`` of the backbone, e.g. MobileNetV2's 1×1 convolutions).
+- ``prefix`` / ``prompt``: :class:`PromptClassifier`, the Hugging Face encoder + mean pooling + head
+  in the form PEFT's prompt learning needs (a ``config``, keyword inputs). Text models only.
+
+The new classification head is always in PEFT's ``modules_to_save`` (``["head"]``): it is trained
+and saved with the adapter. (Left out, PEFT would save only the adapter and a reload would come
+with a randomly initialised head — the most reported PEFT pitfall.)
+
+Virtual tokens and pooling
+--------------------------
+Prompt tuning prepends ``num_virtual_tokens`` embeddings to the input and PEFT grows the attention
+mask accordingly; prefix tuning adds keys/values only (the output keeps the input length).
+:class:`PromptClassifier` mean-pools over the **real** tokens only: the outputs at virtual
+positions are dropped and the original attention mask is used. For prefix tuning the real tokens
+keep their positions ``0..T-1`` (the encoder would otherwise shift absolute position embeddings by
+the prefix length, since it takes the prefix for a KV cache). Token type ids are not passed (PEFT
+drops them for prompt learning; for single sentences they are all zero anyway).
+
+Delta
+-----
+- ``lora`` (Linear targets, no DoRA): kind ``lora`` — factors ``<module>.lora_A`` / ``.lora_B`` with
+  per-module ``meta["scaling"]`` plus the ``new.head.*`` tensors; ``to_dense`` gives ``s·B@A``.
+- ``lora`` with DoRA or Conv2d targets, ``ia3``: kind ``full`` — the exact merged weight
+  difference (``merge_and_unload``) plus ``new.head.*``.
+- ``prefix`` / ``prompt`` (not mergeable): kind ``head`` holding the new tensors
+  (``new.peft.<name>``, ``new.head.*``); ``meta["requires"] = "peft"``: reload with PEFT.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..delta import NEW, Delta, from_states
+from ..errors import ConfigError
+from ..zoo.base import Classifier, pool
+from ._common import Fitted, count_trainable, fit_and_evaluate, require_text_hf
+
+__all__ = ["PromptClassifier", "peft_base", "peft_config", "wrap", "load_peft", "delta_of", "run"]
+
+PEFT_DIR = "peft"
+HEAD = "head"
+
+
+# ----------------------------------------------------------------------------------- prompt base
+class PromptClassifier(nn.Module):
+    """Hugging Face encoder → masked mean pooling over the real tokens → linear head.
+
+    The base model PEFT's prompt-learning methods wrap (``task_type="FEATURE_EXTRACTION"``): it has
+    the encoder's ``config``, takes keyword inputs (``input_ids``, ``attention_mask``,
+    ``inputs_embeds``, ``past_key_values``) and returns logits (B, C).
+
+    Parameters
+    ----------
+    model : the Hugging Face encoder (``MeanPooledEncoder.model``).
+    head : ``nn.Linear(D, C)``.
+    num_virtual_tokens : n, the number of positions PEFT prepends (mask and, for prompt tuning,
+        embeddings); they are excluded from pooling.
+    """
+
+    def __init__(self, model: nn.Module, head: nn.Module, num_virtual_tokens: int = 0):
+        super().__init__()
+        self.model = model
+        self.head = head
+        self.config = model.config
+        self.num_virtual_tokens = int(num_virtual_tokens)
+        params = inspect.signature(model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._positions = "position_ids" in params
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, past_key_values=None,
+                **kwargs: Any) -> torch.Tensor:
+        kwargs = {k: v for k, v in kwargs.items() if v is not None and k not in
+                  ("output_attentions", "output_hidden_states", "return_dict", "token_type_ids", "cache")}
+        n = self.num_virtual_tokens
+        ref = input_ids if input_ids is not None else inputs_embeds
+        if attention_mask is None:
+            attention_mask = torch.ones(ref.shape[:2], dtype=torch.long, device=ref.device)
+        if past_key_values is not None:  # prefix tuning: mask is [prefix | real], output is real only
+            T = ref.shape[1]
+            if self._positions:
+                kwargs["position_ids"] = torch.arange(T, device=ref.device).unsqueeze(0).expand(ref.shape[0], -1)
+            kwargs[self._cache_kw] = past_key_values
+            out = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                             **kwargs).last_hidden_state
+            real_mask = attention_mask[:, -T:]
+        else:
+            out = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                             **kwargs).last_hidden_state
+            # PEFT's prompt tuning calls with inputs_embeds = [prompt | text] and the grown mask
+            skip = n if (input_ids is None and inputs_embeds is not None and attention_mask.shape[1] > n) else 0
+            out, real_mask = out[:, skip:], attention_mask[:, skip:]
+        return self.head(pool(out, real_mask))
+
+
+# ----------------------------------------------------------------------------------- configs
+def _is_hf_text(model) -> bool:
+    from ..zoo.base import MeanPooledEncoder
+
+    return isinstance(model.backbone, MeanPooledEncoder) and getattr(model.backbone.model, "config", None) is not None
+
+
+def _attention_names(module: nn.Module) -> tuple[str, str, str] | None:
+    """(query, key, value) Linear names of a BERT-like (query/key/value) or MPNet-like (q/k/v) encoder."""
+    leaves = {n.rsplit(".", 1)[-1] for n, m in module.named_modules() if isinstance(m, nn.Linear)}
+    for names in (("query", "key", "value"), ("q", "k", "v"), ("q_proj", "k_proj", "v_proj")):
+        if set(names) <= leaves:
+            return names
+    return None
+
+
+def _plain_targets(clf: nn.Module) -> list[str]:
+    """Every Linear and non-grouped Conv2d of the backbone, by full name."""
+    out = []
+    for name, m in clf.named_modules():
+        if not name.startswith("backbone."):
+            continue
+        if isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1):
+            out.append(name)
+    return out
+
+
+def default_targets(model, clf: nn.Module, method: str) -> tuple[Any, Any]:
+    """``(target_modules, feedforward_modules)`` defaults for ``method`` on ``model``."""
+    if _is_hf_text(model):
+        names = _attention_names(clf)
+        if names is None:
+            raise ConfigError(f"cannot guess {method} target modules for {model.name!r}; "
+                              "set target_modules (names of Linear layers)")
+        q, k, v = names
+        if method == "lora":
+            return [q, v], None
+        # IA3 (Liu et al.): keys, values and the input of the FFN down-projection (layer.N.output.dense)
+        ff = r".*\.layer\.\d+\.output\.dense"
+        return rf".*\.({k}|{v})|{ff}", ff
+    targets = _plain_targets(clf)
+    if not targets:
+        raise ConfigError(f"{model.name!r} has no Linear or Conv2d layer to adapt; set target_modules")
+    return targets, ([] if method == "ia3" else None)
+
+
+def peft_config(method: str, options: dict[str, Any], model=None, clf: nn.Module | None = None):
+    """The PEFT config object for ``method`` with transferkit ``options`` (see ``METHODS``)."""
+    import peft
+
+    if method == "lora":
+        targets = options.get("target_modules")
+        if targets is None:
+            targets, _ = default_targets(model, clf, "lora")
+        if options.get("bias", "none") not in ("none", "all", "lora_only"):
+            raise ConfigError(f"lora option bias must be none, all or lora_only, got {options['bias']!r}")
+        return peft.LoraConfig(r=int(options["r"]), lora_alpha=float(options["alpha"]),
+                               lora_dropout=float(options["dropout"]), target_modules=targets,
+                               use_rslora=bool(options["use_rslora"]), use_dora=bool(options["use_dora"]),
+                               bias=options.get("bias", "none"), modules_to_save=[HEAD])
+    if method == "ia3":
+        targets, ff = options.get("target_modules"), options.get("feedforward_modules")
+        if targets is None:
+            targets, default_ff = default_targets(model, clf, "ia3")
+            ff = default_ff if ff is None else ff
+        return peft.IA3Config(target_modules=targets, feedforward_modules=ff if ff is not None else [],
+                              modules_to_save=[HEAD])
+    if method == "prefix":
+        kw = {}
+        if options.get("encoder_hidden_size"):
+            kw["encoder_hidden_size"] = int(options["encoder_hidden_size"])
+        return peft.PrefixTuningConfig(task_type="FEATURE_EXTRACTION",
+                                       num_virtual_tokens=int(options["num_virtual_tokens"]),
+                                       prefix_projection=bool(options["prefix_projection"]),
+                                       modules_to_save=[HEAD], **kw)
+    if method == "prompt":
+        init = str(options.get("init", "random")).upper()
+        if init not in ("RANDOM", "SAMPLE_VOCAB"):
+            raise ConfigError(f"prompt option init must be 'random' or 'sample_vocab', got {options['init']!r}")
+        return peft.PromptTuningConfig(task_type="FEATURE_EXTRACTION",
+                                       num_virtual_tokens=int(options["num_virtual_tokens"]),
+                                       prompt_tuning_init=init, modules_to_save=[HEAD])
+    raise ConfigError(f"{method!r} is not a PEFT method here")
+
+
+def peft_base(model, n_classes: int, method: str = "lora", seed: int = 0, num_virtual_tokens: int | None = None) -> nn.Module:
+    """A fresh base module for ``method`` (copy of ``model``'s backbone + new head) for PEFT to wrap.
+
+    ``PeftModel.from_pretrained(peft_base(model, C, method), run_dir / "peft")`` reloads a run.
+    For prefix/prompt, ``num_virtual_tokens`` is read from the adapter config when loading through
+    :func:`load_peft`; pass it here when calling PEFT directly (default: the method's default).
+    """
+    clf = model.classifier(n_classes, seed=seed)
+    if method in ("prefix", "prompt"):
+        hf = require_text_hf(model, method)
+        if num_virtual_tokens is None:
+            from .registry import METHODS
+
+            num_virtual_tokens = METHODS[method]["options"]["num_virtual_tokens"]
+        return PromptClassifier(copy.deepcopy(hf), clf.head, num_virtual_tokens)
+    return Classifier(copy.deepcopy(model.backbone), model.feature_dim, n_classes, seed)
+
+
+def wrap(model, n_classes: int, method: str, options: dict[str, Any], seed: int = 0):
+    """``(peft_model, base_state)``: a PEFT-wrapped fresh copy of ``model`` + the base tensors by name."""
+    import peft
+
+    if method in ("prefix", "prompt"):
+        require_text_hf(model, method)
+        if method == "prefix" and _cache_unsupported(model.backbone.model):
+            raise ConfigError(f"prefix tuning needs an encoder that accepts a key/value cache; "
+                              f"{type(model.backbone.model).__name__} does not")
+    base = peft_base(model, n_classes, method, seed, num_virtual_tokens=options.get("num_virtual_tokens"))
+    base_state = {k: v.detach().clone() for k, v in base.state_dict().items()}
+    config = peft_config(method, options, model, base)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            pm = peft.get_peft_model(base, config)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise ConfigError(f"PEFT rejected the {method} configuration: {str(exc).splitlines()[0]}") from None
+    _check_head_only_saved(pm)
+    return pm, base_state
+
+
+def _cache_unsupported(hf: nn.Module) -> bool:
+    params = inspect.signature(hf.forward).parameters
+    return "cache" not in params and "past_key_values" not in params
+
+
+def _check_head_only_saved(pm) -> None:
+    from peft.utils import ModulesToSaveWrapper
+
+    wrapped = [n for n, m in pm.named_modules() if isinstance(m, ModulesToSaveWrapper)]
+    if len(wrapped) != 1 or not wrapped[0].endswith(HEAD):
+        raise ConfigError(f"expected PEFT to wrap only the new head in modules_to_save, got {wrapped}")
+
+
+def load_peft(model, path: str | Path, n_classes: int | None = None) -> nn.Module:
+    """Load a transferkit PEFT run folder (``out_dir/peft``) onto a fresh copy of ``model``; eval mode."""
+    from peft import PeftConfig, PeftModel
+
+    path = Path(path)
+    info = json.loads((path / "transferkit.json").read_text()) if (path / "transferkit.json").is_file() else {}
+    n_classes = n_classes or info.get("n_classes")
+    if n_classes is None:
+        raise ConfigError(f"{path}: pass n_classes (no transferkit.json)")
+    cfg = PeftConfig.from_pretrained(str(path))
+    method = info.get("method") or {"LORA": "lora", "IA3": "ia3", "PREFIX_TUNING": "prefix",
+                                    "PROMPT_TUNING": "prompt"}[str(cfg.peft_type.value if hasattr(cfg.peft_type, "value") else cfg.peft_type)]
+    base = peft_base(model, int(n_classes), method, num_virtual_tokens=getattr(cfg, "num_virtual_tokens", None))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return PeftModel.from_pretrained(base, str(path)).eval()
+
+
+# ----------------------------------------------------------------------------------- delta
+def _head_state(pm) -> dict[str, torch.Tensor]:
+    active = pm.get_base_model().head.modules_to_save["default"]
+    return {f"{HEAD}.{k}": v.detach().clone() for k, v in active.state_dict().items()}
+
+
+def delta_of(pm, base_state: dict[str, torch.Tensor], method: str, base_name: str) -> Delta:
+    """The transferkit :class:`Delta` of a trained PEFT model (see the module docstring)."""
+    from peft.tuners.lora import LoraLayer
+
+    head = {NEW + k: v for k, v in _head_state(pm).items()}
+    cfg = pm.peft_config[pm.active_adapter]
+    if method in ("prefix", "prompt"):
+        from peft.utils import get_peft_model_state_dict
+
+        state = get_peft_model_state_dict(pm)
+        tensors = {NEW + "peft." + k: v.detach().clone() for k, v in state.items() if "modules_to_save" not in k
+                   and not k.startswith(HEAD + ".")}
+        tensors.update(head)
+        return Delta(base_name, "head", tensors, {"requires": "peft", "peft_type": str(cfg.peft_type.value),
+                                                  "num_virtual_tokens": int(cfg.num_virtual_tokens)})
+    inner = pm.get_base_model()
+    lora_layers = {n: m for n, m in inner.named_modules() if isinstance(m, LoraLayer) and "default" in m.lora_A}
+    factored = method == "lora" and not cfg.use_dora and cfg.bias == "none" and all(
+        m.lora_A["default"].weight.dim() == 2 for m in lora_layers.values())
+    if factored:
+        tensors, scaling = {}, {}
+        for name, m in lora_layers.items():
+            tensors[name + ".lora_A"] = m.lora_A["default"].weight.detach().clone()
+            tensors[name + ".lora_B"] = m.lora_B["default"].weight.detach().clone()
+            scaling[name] = float(m.scaling["default"])
+        tensors.update(head)
+        return Delta(base_name, "lora", tensors, {"scaling": scaling, "r": int(cfg.r), "lora_alpha": float(cfg.lora_alpha),
+                                                  "use_rslora": bool(cfg.use_rslora)})
+    merged = merged_copy(pm)
+    tuned = {k: v for k, v in merged.state_dict().items() if not k.startswith(HEAD + ".")}
+    tuned.update(_head_state(pm))
+    base = {k: v for k, v in base_state.items() if not k.startswith(HEAD + ".")}
+    delta = from_states(base, tuned, base_name=base_name, meta={"merged_from": str(cfg.peft_type.value)})
+    return delta
+
+
+def merged_copy(pm) -> nn.Module:
+    """``merge_and_unload`` of a deep copy: a plain module with the adapter folded into the weights."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return copy.deepcopy(pm).merge_and_unload(safe_merge=True).eval()
+
+
+# ----------------------------------------------------------------------------------- runner
+def run(model, fit, val, test, *, n_classes, method, options, cfg, out_dir, resume, **_) -> Fitted:
+    pm, base_state = wrap(model, n_classes, method, options, seed=cfg.seed)
+    trainable = count_trainable(pm)
+    head_params = sum(v.numel() for v in _head_state(pm).values())
+    added = sum(p.numel() for n, p in pm.named_parameters() if p.requires_grad and any(
+        t in n for t in ("lora_", "ia3_", "modules_to_save", "prompt_encoder")))
+    drop = ("token_type_ids",) if method in ("prefix", "prompt") else ()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*(past_key_values|Position ids|Token type ids).*")
+        result, test_metrics = fit_and_evaluate(pm, model, fit, val, test, cfg, out_dir, resume, drop=drop)
+    delta = delta_of(pm, base_state, method, model.name)
+    if out_dir is not None:
+        save(pm, Path(out_dir) / PEFT_DIR, model=model, n_classes=n_classes, method=method)
+    return Fitted(delta, result.metrics, result.history, test_metrics, trainable, pm,
+                  {"added_params": added, "head_params": head_params})
+
+
+def save(pm, path: Path, *, model, n_classes: int, method: str) -> Path:
+    """``pm.save_pretrained(path)`` plus ``transferkit.json`` (model, method, classes) for :func:`load_peft`."""
+    from ..io import write_json
+
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = pm.peft_config[pm.active_adapter]
+    cfg.base_model_name_or_path = str(model.name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm.save_pretrained(str(path))
+    write_json(path / "transferkit.json", {"model": model.name, "method": method, "n_classes": int(n_classes),
+                                           "base": "transferkit.tune.peft_base(model, n_classes, method)"})
+    return path

@@ -1,0 +1,133 @@
+"""The tune method registry: one entry per method with its paper, method options and training defaults.
+
+``METHODS[name]`` is a dict (JSON-able, printed by ``transferkit tune --list --json``)::
+
+    {"summary": ..., "paper": ..., "family": "baseline" | "peft" | "native",
+     "modality": ["image", "text"], "options": {method option: default}, "train": {TrainConfig defaults}}
+
+``str(METHODS[name])`` is its one-line summary (what ``transferkit tune --list`` prints).
+
+A ``config`` passed to :func:`transferkit.tune.tune` mixes both kinds of keys: keys listed in the
+method's ``options`` configure the method (rank, bottleneck, ...), every other key is a
+:class:`~transferkit.engine.TrainConfig` option (epochs, lr, ...). :func:`split_config` does the split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from ..errors import ConfigError
+
+
+class MethodInfo(dict):
+    """A registry entry: a plain dict whose ``str()`` is the one-line summary and paper."""
+
+    def __str__(self) -> str:
+        paper = f" [{self['paper']}]" if self.get("paper") else ""
+        return f"{self['summary']}{paper}"
+
+    __format__ = lambda self, spec: format(str(self), spec)  # noqa: E731  (f"{info:8s}")
+
+
+def _m(summary: str, paper: str, family: str, modality: tuple[str, ...], options: dict, train: dict) -> MethodInfo:
+    return MethodInfo(summary=summary, paper=paper, family=family, modality=list(modality),
+                      options=dict(options), train=dict(train))
+
+
+_TEXT, _ANY = ("text",), ("image", "text")
+_PEFT_TRAIN = {"epochs": 3, "batch_size": 16, "weight_decay": 0.01, "scheduler": "linear", "warmup_ratio": 0.1}
+_ADAPTER = {"bottleneck": 64, "dropout": 0.0, "init": "zero"}
+
+METHODS: dict[str, MethodInfo] = {
+    "linear": _m("Linear probe: frozen backbone, new linear head trained on cached features.",
+                 "Kornblith, Shlens, Le. Do Better ImageNet Models Transfer Better? CVPR 2019", "baseline", _ANY,
+                 {}, {"epochs": 30, "lr": 1e-2, "batch_size": 64, "weight_decay": 1e-4, "scheduler": "cosine"}),
+    "full": _m("Full fine-tuning: every backbone parameter and a new linear head.",
+               "Howard & Ruder. Universal Language Model Fine-tuning (ULMFiT), ACL 2018", "baseline", _ANY,
+               {}, {"epochs": 3, "lr": 5e-5, "batch_size": 16, "weight_decay": 0.01, "scheduler": "linear",
+                    "warmup_ratio": 0.1}),
+    "lora": _m("LoRA via HF PEFT: low-rank updates s·BA on target Linear/Conv2d layers (+ new head).",
+               "Hu et al. LoRA: Low-Rank Adaptation of Large Language Models, ICLR 2022 (arXiv:2106.09685)",
+               "peft", _ANY,
+               {"r": 8, "alpha": 16, "dropout": 0.05, "target_modules": None, "use_rslora": False,
+                "use_dora": False, "bias": "none"},
+               {**_PEFT_TRAIN, "lr": 5e-4}),
+    "ia3": _m("IA3 via HF PEFT: learned vectors rescale keys, values and the FFN activation (+ new head).",
+              "Liu et al. Few-Shot Parameter-Efficient Fine-Tuning is Better and Cheaper than In-Context "
+              "Learning, NeurIPS 2022 (arXiv:2205.05638)", "peft", _ANY,
+              {"target_modules": None, "feedforward_modules": None},
+              {**_PEFT_TRAIN, "lr": 3e-3}),
+    "prefix": _m("Prefix tuning via HF PEFT: learned key/value prefixes in every attention layer (+ new head).",
+                 "Li & Liang. Prefix-Tuning: Optimizing Continuous Prompts for Generation, ACL 2021 "
+                 "(arXiv:2101.00190)", "peft", _TEXT,
+                 {"num_virtual_tokens": 20, "prefix_projection": False, "encoder_hidden_size": None},
+                 {**_PEFT_TRAIN, "lr": 1e-2}),
+    "prompt": _m("Prompt tuning via HF PEFT: learned input embeddings prepended to the text (+ new head).",
+                 "Lester, Al-Rfou, Constant. The Power of Scale for Parameter-Efficient Prompt Tuning, "
+                 "EMNLP 2021 (arXiv:2104.08691)", "peft", _TEXT,
+                 {"num_virtual_tokens": 20, "init": "random"},
+                 {**_PEFT_TRAIN, "lr": 3e-2}),
+    "bitfit": _m("BitFit: only the bias terms of the backbone (+ new head) are trained.",
+                 "Ben Zaken, Ravfogel, Goldberg. BitFit: Simple Parameter-efficient Fine-tuning for "
+                 "Transformer-based Masked Language-models, ACL 2022 (arXiv:2106.10199)", "native", _ANY,
+                 {"bias_terms": "all"},
+                 {**_PEFT_TRAIN, "lr": 1e-3, "weight_decay": 0.0}),
+    "adapter": _m("Sequential bottleneck adapter h ← h + f(h W_down) W_up after the FFN (Pfeiffer) or both "
+                  "sublayers (Houlsby, position='both').",
+                  "Houlsby et al. Parameter-Efficient Transfer Learning for NLP, ICML 2019 (arXiv:1902.00751); "
+                  "Pfeiffer et al. AdapterFusion, EACL 2021 (arXiv:2005.00247)", "native", _TEXT,
+                  {**_ADAPTER, "position": "ffn"},
+                  {**_PEFT_TRAIN, "lr": 1e-3}),
+    "parallel-adapter": _m("Parallel adapter h ← h + s·f(x W_down) W_up next to the FFN (or attention) sublayer.",
+                           "He et al. Towards a Unified View of Parameter-Efficient Transfer Learning, "
+                           "ICLR 2022 (arXiv:2110.04366)", "native", _TEXT,
+                           {**_ADAPTER, "position": "ffn", "scale": 1.0, "learnable_scale": False},
+                           {**_PEFT_TRAIN, "lr": 1e-3}),
+    "scaled-parallel-adapter": _m("Scaled parallel adapter (s = 4) on the FFN, the unified view's best single "
+                                  "modification.",
+                                  "He et al. Towards a Unified View of Parameter-Efficient Transfer Learning, "
+                                  "ICLR 2022 (arXiv:2110.04366)", "native", _TEXT,
+                                  {**_ADAPTER, "position": "ffn", "scale": 4.0, "learnable_scale": False},
+                                  {**_PEFT_TRAIN, "lr": 1e-3}),
+    "mam": _m("MAM adapter: prefix tuning on attention (l = 30) + scaled parallel adapter (s = 4) on the FFN.",
+              "He et al. Towards a Unified View of Parameter-Efficient Transfer Learning, ICLR 2022 "
+              "(arXiv:2110.04366)", "native", _TEXT,
+              {"prefix_length": 30, "prefix_hidden": 512, "bottleneck": 512, "scale": 4.0,
+               "learnable_scale": False, "dropout": 0.0, "init": "zero"},
+              {**_PEFT_TRAIN, "lr": 5e-4}),
+}
+
+# the historical name kept by baselines
+DEFAULTS = {name: info["train"] for name, info in METHODS.items()}
+
+
+def check_method(method: str) -> MethodInfo:
+    if method not in METHODS:
+        raise ConfigError(f"unknown tune method {method!r}; available: {', '.join(METHODS)}")
+    return METHODS[method]
+
+
+def split_config(method: str, config: dict | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(method options, train options)`` of ``config`` for ``method``, each merged over its defaults.
+
+    Unknown keys raise a one-line :class:`ConfigError` that lists both kinds of known keys.
+    """
+    from ..engine import TrainConfig
+
+    info = check_method(method)
+    config = dict(config or {})
+    nested = config.pop("options", None) or {}
+    if not isinstance(nested, dict):
+        raise ConfigError(f"tune option 'options' must be a mapping, got {type(nested).__name__}")
+    train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
+    opts, train = dict(info["options"]), dict(info["train"])
+    for key, value in {**config, **nested}.items():
+        if key in info["options"]:
+            opts[key] = value
+        elif key in train_keys and key not in nested:
+            train[key] = value
+        else:
+            known = sorted(info["options"]) + sorted(train_keys)
+            raise ConfigError(f"unknown option {key!r} for tune method {method!r} (known: {', '.join(known)})")
+    return opts, train
