@@ -13,6 +13,12 @@ Functional API — Deltas in, Delta out (apply the result with :func:`transferki
                                              Fisher-weighted averaging (Matena & Raffel, NeurIPS 2022)
 ``merge_lora(deltas, weights, how="svd"|"cat"|"dense", rank=None)``
                                              LoRA adapters merged in ΔW space
+``stream_merge(base, models, out, method)``  out-of-core merge of safetensors checkpoints, tensor
+                                             by tensor, sharded output (:mod:`.streaming`)
+``AnisotropicScaling`` / ``fit_atlas``       aTLAS: learned per-task, per-block coefficients
+                                             (Zhang et al., NeurIPS 2024) (:mod:`.atlas`)
+``robust_signature`` / ``patch``             robust weight signatures, int8 storage, BN
+                                             re-estimation (Cai et al., ICML 2023) (:mod:`.signatures`)
 ==========================================  ==================================================
 
 Common rules (see :mod:`transferkit.merge._common`): every input Delta must have the same ``base``
@@ -30,9 +36,14 @@ from .fisher import compute_fisher, fisher_merge
 from .lora import ab_linear_error, merge_lora
 from .task_arithmetic import analogy, negate, task_arithmetic
 from .ties import ties
+from .atlas import AnisotropicScaling, few_shot, fit_atlas
+from .signatures import Signature, compose, patch, reestimate_bn, robust_signature
+from .streaming import stream_merge
 
 __all__ = [
     "attach_head", "heads", "average", "greedy_soup", "uniform_soup", "dare", "dare_merge",
     "LargeDeltaWarning", "compute_fisher", "fisher_merge", "ab_linear_error", "merge_lora", "analogy",
     "negate", "task_arithmetic", "ties",
+    "stream_merge", "AnisotropicScaling", "fit_atlas", "few_shot", "Signature", "robust_signature", "compose",
+    "patch", "reestimate_bn",
 ]

@@ -1,0 +1,76 @@
+"""Shared pieces of the command line: the error guard, JSON/table output, config files.
+
+Each stage may define its own command function (``rank/command.py``, …); ``cli.py`` registers
+them on the one typer app, wrapped by :func:`guard`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import typer
+
+from .errors import TransferkitError
+
+
+def guard(fn: Callable) -> Callable:
+    """Turn TransferkitError (bad input) into a one-line error and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except TransferkitError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            typer.echo("error: interrupted", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def emit(obj: Any, as_json: bool, render: Callable[[Any], None]) -> None:
+    if as_json:
+        from .io import _json_default
+
+        sys.stdout.write(json.dumps(obj, indent=2, default=_json_default) + "\n")
+    else:
+        render(obj)
+
+
+def table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for c in columns:
+        table.add_column(c)
+    for r in rows:
+        table.add_row(*[f"{v:.4f}" if isinstance(v, float) else str(v) for v in r])
+    Console().print(table)
+
+
+def models_option(models: str) -> list[str]:
+    names = [m.strip() for m in models.split(",") if m.strip()]
+    if not names:
+        raise TransferkitError("--models needs at least one model name")
+    return names
+
+
+def read_config(path: Path) -> dict:
+    import yaml
+
+    if not path.is_file():
+        raise TransferkitError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise TransferkitError(f"cannot parse {path}: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise TransferkitError(f"{path} must hold a mapping of options")
+    return data
