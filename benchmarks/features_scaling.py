@@ -1,7 +1,7 @@
 """Feature extraction scaling: time and peak memory for N, 2N, 4N; cache hit vs miss.
 
-Each measurement runs in a fresh subprocess so peak RSS (``ru_maxrss``) belongs to that run alone.
-"Extra peak" is the peak RSS during extraction minus the RSS just before it (model and data
+Each measurement runs in a fresh subprocess so peak RSS (``VmHWM``) belongs to that run alone.
+"Extra peak" is the peak RSS (VmHWM) during extraction minus the RSS just before it (model and data
 already loaded): memory flat in N means it stays about constant while N grows.
 
     .venv/bin/python benchmarks/features_scaling.py            # full table
@@ -24,7 +24,7 @@ CASES = {  # model, dataset, base N
 }
 
 CHILD = r"""
-import json, resource, shutil, sys, time, psutil
+import json, shutil, sys, time, psutil
 from transferkit.data import load_dataset
 from transferkit.features import cache_path, extract, fingerprint
 from transferkit.zoo import load_model
@@ -35,7 +35,8 @@ zm.encode(zm.preprocess(ds.X[:8]))  # warm up
 shutil.rmtree(cache_path(fingerprint(zm, ds, "penultimate"), zm.name), ignore_errors=True)  # force a miss
 rss0 = psutil.Process().memory_info().rss
 t0 = time.perf_counter(); extract(zm, ds, progress=False); miss = time.perf_counter() - t0
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+# VmHWM is this process's own high-water mark (ru_maxrss would include the parent's at fork)
+peak = int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) * 1024
 t0 = time.perf_counter(); extract(zm, ds, progress=False); hit = time.perf_counter() - t0
 print(json.dumps({"n": len(ds), "miss_s": miss, "hit_s": hit, "extra_peak_mb": max(0, peak - rss0) / 2**20,
                   "peak_mb": peak / 2**20}))

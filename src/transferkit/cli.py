@@ -13,7 +13,8 @@ import typer
 
 from .clitools import emit, guard, read_config, table
 from .errors import TransferkitError
-from .rank.command import rank, render_rank
+from .rank.command import rank
+from .merge.command import merge
 
 app = typer.Typer(
     add_completion=False,
@@ -24,6 +25,7 @@ app = typer.Typer(
 zoo_app = typer.Typer(no_args_is_help=True, help="The catalogue of pretrained source models.")
 app.add_typer(zoo_app, name="zoo")
 app.command()(guard(rank))
+app.command()(guard(merge))
 
 
 @zoo_app.command("list")
@@ -93,7 +95,7 @@ def features(
 def tune(
     data: Optional[str] = typer.Option(None, "--data", help="Target dataset name or path (required)."),
     model: Optional[str] = typer.Option(None, "--model", help="Source model name or path (required)."),
-    method: str = typer.Option("linear", help="linear | full (PEFT methods arrive with the tune issue)."),
+    method: str = typer.Option("linear", help="Method name; `transferkit tune --list` shows them all with their papers."),
     config: Optional[Path] = typer.Option(None, help="YAML/JSON file of training options (epochs, lr, …)."),
     epochs: Optional[int] = typer.Option(None), lr: Optional[float] = typer.Option(None),
     batch_size: Optional[int] = typer.Option(None, "--batch-size"),
@@ -133,27 +135,66 @@ def tune(
 
 @app.command()
 @guard
+def run(
+    pipeline: Path = typer.Argument(..., help="PIPELINE.yaml (see docs/pipeline.md)."),
+    out: Path = typer.Option(Path("runs/pipeline"), help="Run folder."),
+    resume: bool = typer.Option(False, "--resume", help="Skip stages (and units) a killed run already finished."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Run rank → ground truth → tune → merge → report from a YAML file.
+
+    Example: transferkit run examples/pipeline.yaml --out runs/p1
+    """
+    from .pipeline import run_pipeline
+
+    if not pipeline.is_file():
+        raise TransferkitError(f"pipeline file not found: {pipeline}")
+    emit(_compact(run_pipeline(pipeline, out, resume=resume)), as_json, _render_summary)
+
+
+@app.command()
+@guard
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="Result folder."),
-    quick: bool = typer.Option(False, "--quick", help="Smaller sample for CI."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    quick: bool = typer.Option(False, "--quick", help="Fewer images and epochs (for CI)."),
+    resume: bool = typer.Option(False, "--resume", help="Skip stages a killed demo already finished."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
-    """Rank the default image zoo on a real target and measure how good the ranking was.
+    """The default pipeline on built-in real assets: 7 image models ranked, measured and tuned on OpenCV digits.
 
     Example: transferkit demo --out runs/demo
     """
-    from .demo import run_demo
+    from .pipeline import default_pipeline, run_pipeline
 
-    summary = run_demo(out, quick=quick)
-    emit(summary, as_json, _render_demo)
+    emit(_compact(run_pipeline(default_pipeline(quick=quick), out, resume=resume)), as_json, _render_summary)
 
 
-def _render_demo(summary: dict) -> None:
-    render_rank(summary["rank"])
-    ev = summary["evaluation"]
-    table("how good was each ranking (ground truth: measured linear-probe accuracy)", ["metric", "weighted tau", "rel@1"],
-           [[m, v["weighted_tau"], v["rel@1"]] for m, v in ev.items()])
-    typer.echo(f"results: {summary['out']}")
+def _compact(summary: dict) -> dict:
+    """The summary without per-step training histories (they stay in summary.json and the report)."""
+    def strip(obj):
+        if isinstance(obj, dict):
+            return {k: strip(v) for k, v in obj.items() if k != "history"}
+        if isinstance(obj, list):
+            return [strip(v) for v in obj]
+        return obj
+    return strip(summary)
+
+
+def _render_summary(summary: dict) -> None:
+    evaluation = (summary.get("ground_truth") or {}).get("evaluation", {})
+    for target in summary["targets"]:
+        name = target["name"]
+        ranking = summary["rank"][name]
+        ev = evaluation.get(name, {})
+        rows = [[m, " > ".join(ranking["ranking"][m][:3]) + (" …" if len(ranking["ranking"][m]) > 3 else ""),
+                 ev.get(m, {}).get("weighted_tau"), ev.get(m, {}).get("rel@1")] for m in ranking["ranking"]]
+        rows = [[c if c is not None else "—" for c in r] for r in rows]
+        table(f"{name}: ranking (predicted) vs measured", ["metric", "top picks", "weighted tau", "rel@1"], rows)
+        chosen = ((summary.get("tune") or {}).get("chosen") or {}).get(name)
+        if chosen:
+            typer.echo(f"{name}: tuned {chosen.get('model')} with {summary['tune']['method']}: "
+                       f"test accuracy {chosen.get('test_accuracy')}, trainable {chosen.get('trainable_params')}")
+    typer.echo(f"report: {summary.get('report')}")
 
 
 def main() -> None:

@@ -28,13 +28,14 @@ from typing import Any
 
 from ..errors import DataError
 from .builtin import VADER_THRESHOLD, builtin_names, is_builtin, load_builtin
-from .dataset import Dataset, encode_labels, make_dataset, subsample, train_test_split, validate
+from .dataset import Dataset, encode_labels, make_dataset, split_mask, subsample, train_test_split, validate
 from .files import SUPPORTED, from_hf, is_hf_dataset, load_path
 
 __all__ = [
     "Dataset",
     "load_dataset",
     "train_test_split",
+    "split_mask",
     "available_datasets",
     "make_dataset",
     "encode_labels",

@@ -471,35 +471,40 @@ def subsample(ds: Dataset, *, limit: int | None = None, per_class: int | None = 
 
 
 def train_test_split(ds: Dataset, test_size: float = 0.2, seed: int = 0) -> tuple[Dataset, Dataset]:
-    """Split into (train, test).
+    """Split into (train, test) by :func:`split_mask`. The returned datasets have ``is_test=None``."""
+    test = split_mask(ds, test_size, seed)
+    train_ds, test_ds = ds.subset(~test), ds.subset(test)
+    train_ds.is_test = None
+    test_ds.is_test = None
+    return train_ds, test_ds
+
+
+def split_mask(ds: Dataset, test_size: float = 0.2, seed: int = 0) -> np.ndarray:
+    """Boolean mask of the test items of ``ds``.
 
     If ``ds.is_test`` marks an official split (both parts non-empty) that split is used and
     ``test_size``/``seed`` are ignored. Otherwise ``round(N * test_size)`` test items are shared
     over the classes in proportion to their sizes (largest remainder; a class with two or more
     items gets at least one and at most n - 1), and within a class over its domains, chosen at
-    random from ``seed``. The returned datasets have ``is_test=None``.
+    random from ``seed``.
     """
     if not isinstance(ds, Dataset):
         raise DataError(f"train_test_split expects a Dataset, got {type(ds).__name__}")
     if ds.is_test is not None and ds.is_test.any() and not ds.is_test.all():
-        test = ds.is_test
-    else:
-        if isinstance(test_size, bool) or not isinstance(test_size, numbers.Real) or not 0 < test_size < 1:
-            raise DataError(f"test_size must be a fraction strictly between 0 and 1, got {test_size!r}")
-        rng = np.random.default_rng(seed)
-        by_class = [np.flatnonzero(ds.y == c) for c in range(len(ds.classes))]
-        counts = np.array([len(ix) for ix in by_class], dtype=np.int64)
-        alloc = _allocate(counts, int(round(len(ds) * float(test_size))), rng, min_one=True)
-        sub = np.zeros(len(ds), dtype=np.int64) if ds.domains is None else ds.domains
-        test = np.zeros(len(ds), dtype=bool)
-        for ix, k in zip(by_class, alloc):
-            if len(ix) < 2:
-                continue
-            k = min(max(int(k), 1), len(ix) - 1)
-            test[_pick(ix, k, sub, rng)] = True
-        if not test.any() or test.all():
-            raise DataError(f"dataset {ds.name!r} ({len(ds)} items) is too small to split into train and test")
-    train_ds, test_ds = ds.subset(~test), ds.subset(test)
-    train_ds.is_test = None
-    test_ds.is_test = None
-    return train_ds, test_ds
+        return ds.is_test.copy()
+    if isinstance(test_size, bool) or not isinstance(test_size, numbers.Real) or not 0 < test_size < 1:
+        raise DataError(f"test_size must be a fraction strictly between 0 and 1, got {test_size!r}")
+    rng = np.random.default_rng(seed)
+    by_class = [np.flatnonzero(ds.y == c) for c in range(len(ds.classes))]
+    counts = np.array([len(ix) for ix in by_class], dtype=np.int64)
+    alloc = _allocate(counts, int(round(len(ds) * float(test_size))), rng, min_one=True)
+    sub = np.zeros(len(ds), dtype=np.int64) if ds.domains is None else ds.domains
+    test = np.zeros(len(ds), dtype=bool)
+    for ix, k in zip(by_class, alloc):
+        if len(ix) < 2:
+            continue
+        k = min(max(int(k), 1), len(ix) - 1)
+        test[_pick(ix, k, sub, rng)] = True
+    if not test.any() or test.all():
+        raise DataError(f"dataset {ds.name!r} ({len(ds)} items) is too small to split into train and test")
+    return test

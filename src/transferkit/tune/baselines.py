@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..data.dataset import split_mask
 from ..delta import NEW, Delta, from_states
 from ..engine import CrossEntropy, TrainConfig, evaluate, train
 from ._common import Fitted, Pairs, TuneResult, fit_and_evaluate, make_collate, plot_curve
@@ -33,12 +34,6 @@ __all__ = ["METHODS", "DEFAULTS", "TuneResult", "tune"]
 _Pairs = Pairs  # backwards-compatible names
 _collate = make_collate
 _plot_curve = plot_curve
-
-
-def _split_val(ds, fraction: float, seed: int):
-    from ..data import train_test_split
-
-    return train_test_split(ds, test_size=fraction, seed=seed)
 
 
 def tune(model, train_data, test_data=None, *, method: str = "linear", config: dict | None = None,
@@ -69,12 +64,14 @@ def tune(model, train_data, test_data=None, *, method: str = "linear", config: d
                           f"{model.name!r} is a {model.modality} model")
     cfg = TrainConfig.from_dict({**train_opts, "progress": progress})
     n_classes = len(train_data.classes)
-    fit, val = _split_val(train_data, val_fraction, cfg.seed) if val_fraction > 0 else (train_data, None)
+    val_mask = split_mask(train_data, val_fraction, cfg.seed) if val_fraction > 0 else np.zeros(len(train_data), bool)
+    fit, val = train_data.subset(~val_mask), (train_data.subset(val_mask) if val_mask.any() else None)
     out_dir = Path(out_dir) if out_dir else None
     t0 = time.perf_counter()
     runner = _runner(method)
     fitted: Fitted = runner(model, fit, val, test_data, n_classes=n_classes, method=method, options=options,
-                            cfg=cfg, out_dir=out_dir, resume=resume, progress=progress)
+                            cfg=cfg, out_dir=out_dir, resume=resume, progress=progress,
+                            train_data=train_data, val_mask=val_mask)
     seconds = time.perf_counter() - t0
     backbone_params = sum(p.numel() for p in model.backbone.parameters())
     trainable = fitted.trainable_params
@@ -114,17 +111,38 @@ def _runner(method: str):
     if method == "bitfit":
         from .bitfit import run
         return run
+    if method in ("unipt", "sherl", "r2"):
+        from .side import run
+        return run
+    if method == "sparse":
+        from .sparse import run
+        return run
+    if method in ("scalearn", "scalearn-uniform", "scalearn++", "scalearn-uniform++", "adapterfusion"):
+        from .scalearn import run
+        return run
+    if method == "shared-adapter":
+        from .scalearn import run_shared
+        return run_shared
+    if method == "translora":
+        from .translora import run
+        return run
     from .adapters import run
     return run
 
 
-def _run_linear(model, fit, val, test, *, n_classes, cfg, out_dir, resume, progress, **_) -> Fitted:
+def _run_linear(model, fit, val, test, *, n_classes, cfg, out_dir, resume, progress, train_data, val_mask,
+                **_) -> Fitted:
     from ..features import extract
 
     clf = model.classifier(n_classes, seed=cfg.seed)
     head = clf.head
-    feats = {name: extract(model, d, progress=progress)
-             for name, d in (("fit", fit), ("val", val), ("test", test)) if d is not None}
+    # one extraction of the whole training set (a cache hit after `rank`), split by the same mask
+    whole = extract(model, train_data, progress=progress)
+    feats = {"fit": whole.subset(np.flatnonzero(~val_mask))}
+    if val is not None:
+        feats["val"] = whole.subset(np.flatnonzero(val_mask))
+    if test is not None:
+        feats["test"] = extract(model, test, progress=progress)
     collate = lambda items: {"inputs": torch.from_numpy(np.stack([x for x, _ in items])),  # noqa: E731
                              "labels": torch.tensor([y for _, y in items], dtype=torch.long)}
     pairs = {k: Pairs(f.X, f.y) for k, f in feats.items()}

@@ -98,6 +98,75 @@ METHODS: dict[str, MethodInfo] = {
               {**_PEFT_TRAIN, "lr": 5e-4}),
 }
 
+# side networks (tune/side.py) and sparse fine-tuning (tune/sparse.py)
+_SIDE = {"r": 96, "layers": "all", "taps": None, "grid": 4, "cache": False}
+_SIDE_TRAIN = {**_PEFT_TRAIN, "lr": 2e-3}
+METHODS.update({
+    "unipt": _m("UniPT side network: frozen backbone under no_grad; parallel interaction + confidence "
+                "aggregation of all layers' features (+ new head).",
+                "Diao et al. UniPT: Universal Parallel Tuning for Transfer Learning with Efficient Parameter "
+                "and Memory, CVPR 2024 (arXiv:2308.14316)", "native", _ANY, dict(_SIDE), _SIDE_TRAIN),
+    "sherl": _m("SHERL side network: anti-redundancy aggregation of early layers merged (tanh gate, 0 at "
+                "start) into the last pre-trained layer(s); backprop only through the late layers.",
+                "Diao et al. SHERL: Synthesizing High Accuracy and Efficient Memory for Resource-Limited "
+                "Transfer Learning, ECCV 2024 (arXiv:2407.07523)", "native", _ANY,
+                {**_SIDE, "late_layers": 1, "late_tune": "frozen"}, _SIDE_TRAIN),
+    "r2": _m("R²-Tuning's reversed recurrent block as a side network: one shared block over the last "
+             "layers, deepest first (+ new head).",
+             "Liu et al. R²-Tuning: Efficient Image-to-Video Transfer Learning for Video Temporal Grounding, "
+             "ECCV 2024 (arXiv:2404.00801)", "native", _ANY,
+             {**_SIDE, "r": 128, "n_layers": 4, "heads": 4, "dropout": 0.1}, _SIDE_TRAIN),
+    "sparse": _m("LT-SFT sparse fine-tuning: full FT, mask = top-K |Δθ|, reset, masked FT; sparse Delta, "
+                 "composable by addition (optional masked-LM domain SFT first).",
+                 "Ansell et al. Composable Sparse Fine-Tuning for Cross-Lingual Transfer, ACL 2022 "
+                 "(arXiv:2110.07560)", "native", _ANY,
+                 {"density": 0.01, "k": None, "full_epochs": None, "full_lr": None, "exclude": [],
+                  "domain_mlm": False, "domain_data": None, "domain_delta": None, "domain_density": None,
+                  "domain_epochs": None, "mlm_probability": 0.15},
+                 {**_PEFT_TRAIN, "lr": 1e-4}),
+})
+
+# adapter composition (tune/scalearn.py) and Trans-LoRA (tune/translora.py)
+_SCALEARN_PAPER = ("Frohmann et al. ScaLearn: Simple and Highly Parameter-Efficient Task Transfer by Learning to "
+                   "Scale, Findings of ACL 2024 (arXiv:2310.01217)")
+_SCALEARN = {"sources": None, "omega_init": 2.0, "omega_std": 0.001, "omega_dropout": 0.3}
+_SCALEARN_TRAIN = {**_PEFT_TRAIN, "lr": 5e-3, "weight_decay": 0.0}
+METHODS.update({
+    "scalearn": _m("ScaLearn: h + Σ_i ω_i ⊙ a_i(h) over frozen source adapters (option sources: adapter run "
+                   "folders), ω ∈ R^{N×d} per site; L·N·d parameters (+ head).", _SCALEARN_PAPER, "native", _TEXT,
+                   dict(_SCALEARN), _SCALEARN_TRAIN),
+    "scalearn-uniform": _m("ScaLearnUniform: one scalar ω_i per source per site; L·N parameters (+ head).",
+                           _SCALEARN_PAPER, "native", _TEXT, dict(_SCALEARN), _SCALEARN_TRAIN),
+    "scalearn++": _m("ScaLearn++: one ω ∈ R^{N×d} shared by all layers; N·d parameters (+ head).",
+                     _SCALEARN_PAPER, "native", _TEXT, dict(_SCALEARN), _SCALEARN_TRAIN),
+    "scalearn-uniform++": _m("ScaLearnUniform++: one scalar per source shared by all layers; N parameters (+ head).",
+                             _SCALEARN_PAPER, "native", _TEXT, dict(_SCALEARN), _SCALEARN_TRAIN),
+    "adapterfusion": _m("AdapterFusion: per-site attention (query h, keys/values W·a_i) over frozen source "
+                        "adapters, temperature annealed 50 → 1; 3(d²+d) per site (+ head).",
+                        "Pfeiffer et al. AdapterFusion: Non-Destructive Task Composition for Transfer Learning, "
+                        "EACL 2021 (arXiv:2005.00247)", "native", _TEXT,
+                        {"sources": None, "temperature": 50.0, "anneal_steps": None},
+                        {**_PEFT_TRAIN, "lr": 5e-4, "weight_decay": 0.0}),
+    "shared-adapter": _m("VL-Adapter-style sharing: one bottleneck adapter shared by the --data task and the "
+                         "option tasks (datasets), task prompts, one head per task, multi-task training.",
+                         "Sung, Cho, Bansal. VL-Adapter: Parameter-Efficient Transfer Learning for "
+                         "Vision-and-Language Tasks, CVPR 2022 (arXiv:2112.06825)", "native", _TEXT,
+                         {"tasks": None, "task_per_class": None, "task_name": "task0", "share": "all",
+                          "bottleneck": 64, "position": "ffn", "mode": "sequential", "scale": 1.0,
+                          "dropout": 0.0, "task_prompts": True},
+                         {**_PEFT_TRAIN, "lr": 1e-3}),
+    "translora": _m("Trans-LoRA: distil a source base + LoRA (options source_model, source_lora) into a new "
+                    "LoRA on --model from n_seed examples/class + augmented inputs filtered by a discriminator.",
+                    "Wang et al. Trans-LoRA: towards data-free Transferable Parameter Efficient Finetuning, "
+                    "NeurIPS 2024 (arXiv:2405.17258)", "native", _TEXT,
+                    {"source_model": None, "source_lora": None, "n_seed": 5, "n_synthetic": 200,
+                     "pool_factor": 3.0, "filter": True, "threshold": None, "min_keep": None,
+                     "discriminator": "lora", "disc_base": "source", "disc_epochs": 5, "augment_ops": None,
+                     "max_ops": 2, "temperature": 2.0, "hard_weight": 0.5, "r": 8, "alpha": 16,
+                     "dropout": 0.05, "target_modules": None},
+                    {**_PEFT_TRAIN, "lr": 1e-3}),
+})
+
 # the historical name kept by baselines
 DEFAULTS = {name: info["train"] for name, info in METHODS.items()}
 

@@ -1,0 +1,438 @@
+"""Benchmark: merging fine-tunes of all-MiniLM-L6-v2 on four real text tasks (transferkit.merge).
+
+Each task (VADER tweets sentiment, SpamAssassin spam/ham, fine-food great/other, VADER nyt sentiment)
+is fine-tuned separately (``transferkit.tune``, method ``full``, a new 2-way head per task) from the
+same pre-trained body. The bodies' task vectors are merged with every method of
+:mod:`transferkit.merge`; the merged body is evaluated on each task with that task's own head
+(:func:`transferkit.merge.attach_head`). Reported: absolute accuracy per task, **normalized accuracy**
+(merged ÷ individual fine-tune) per task and on average, the pre-trained body with the task heads
+(λ = 0, lower reference) and a multitask-trained model (one body, one 8-way head whose per-task
+2-logit block is read for each task; upper reference).
+
+Hyper-parameters (λ of task arithmetic and TIES) are chosen on a held-out validation split (never the
+test split). Fine-tunes are cached on disk (``--cache``), so reruns only redo the merges.
+
+Usage::
+
+    OMP_NUM_THREADS=1 python benchmarks/merge_text.py                # writes benchmarks/results/merge_text.{json,md}
+    python benchmarks/merge_text.py --quick                          # tiny smoke run (not a result)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+TASKS = ["vader:tweets", "spamassassin", "finefood", "vader:nyt"]
+MODEL = "all-minilm-l6-v2"
+
+
+def log(*a):
+    print(f"[{time.strftime('%H:%M:%S')}]", *a, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------- data
+def load_task(name: str, per_class: int, seed: int):
+    from transferkit.data import load_dataset, train_test_split
+
+    ds = load_dataset(name, per_class=per_class, seed=seed)
+    rest, test = train_test_split(ds, test_size=0.3, seed=seed)
+    train, val = train_test_split(rest, test_size=0.2, seed=seed)
+    return train, val, test
+
+
+class Batches:
+    """Pre-tokenised, length-sorted evaluation batches of one split (tokenised once, reused)."""
+
+    def __init__(self, zm, ds, batch_size: int = 64):
+        order = np.argsort([len(str(t)) for t in ds.X])
+        self.batches = []
+        for s in range(0, len(order), batch_size):
+            idx = order[s:s + batch_size]
+            self.batches.append((zm.preprocess([ds.X[i] for i in idx]), torch.as_tensor(ds.y[idx]).long()))
+        self.n = len(ds.y)
+
+
+@torch.no_grad()
+def accuracy(clf, batches: Batches, block: slice | None = None) -> float:
+    clf.eval()
+    correct = 0
+    for x, y in batches.batches:
+        logits = clf(x)
+        if block is not None:
+            logits = logits[:, block]
+        correct += int((logits.argmax(-1) == y).sum())
+    return correct / batches.n
+
+
+# ---------------------------------------------------------------------------------------- models
+class Evaluator:
+    """One working classifier whose weights are reset to base + Delta for every evaluation."""
+
+    def __init__(self, zm, n_classes: int = 2):
+        from transferkit.zoo import Classifier
+
+        self.clf = Classifier(copy.deepcopy(zm.backbone), zm.feature_dim, n_classes)
+        self.base = {k: v.clone() for k, v in self.clf.state_dict().items()}
+
+    def load(self, delta, scale: float = 1.0):
+        from transferkit.delta import apply
+
+        self.clf.load_state_dict(self.base)
+        apply(self.clf, delta, scale)
+        return self.clf
+
+    def task_acc(self, body, task_delta, batches: Batches) -> float:
+        from transferkit.merge import attach_head
+
+        return accuracy(self.load(attach_head(body, task_delta)), batches)
+
+
+def finetune(zm, name, train, seed, cfg, cache: Path):
+    """Full fine-tune on one task (cached run folder); returns the Delta."""
+    from transferkit.delta import Delta
+    from transferkit.tune import tune
+
+    run = cache / f"{name.replace(':', '_')}-s{seed}"
+    if (run / "delta" / "delta.json").is_file():
+        return Delta.load(run / "delta"), json.loads((run / "metrics.json").read_text())
+    log(f"fine-tuning {name} (seed {seed}, {len(train.y)} examples)")
+    res = tune(zm, train, None, method="full", config={**cfg, "seed": seed}, out_dir=run, progress=False)
+    return res.delta, res.metrics
+
+
+def multitask(zm, tasks, trains, seed, cfg, cache: Path):
+    """One body + one 2T-way head trained on the union (task t owns logits 2t, 2t+1)."""
+    from transferkit.data import make_dataset
+    from transferkit.delta import Delta
+    from transferkit.tune import tune
+
+    run = cache / f"multitask-s{seed}"
+    if (run / "delta" / "delta.json").is_file():
+        return Delta.load(run / "delta")
+    X, y, classes = [], [], []
+    for t, (name, tr) in enumerate(zip(tasks, trains)):
+        X += [str(x) for x in tr.X]
+        y += [len(classes) + int(c) for c in tr.y]
+        classes += [f"{t}:{c}" for c in tr.classes]
+    ds = make_dataset("multitask", X, y, classes=classes, modality="text")
+    log(f"multitask fine-tune ({len(y)} examples, {len(classes)} classes)")
+    res = tune(zm, ds, None, method="full", config={**cfg, "seed": seed}, out_dir=run, progress=False)
+    return res.delta
+
+
+# ---------------------------------------------------------------------------------------- fisher
+def fisher_of(ev: Evaluator, zm, task_delta, train, n: int, seed: int):
+    from transferkit.merge import compute_fisher
+
+    clf = ev.load(task_delta)
+    rng = np.random.default_rng(seed)
+    idx = rng.choice(len(train.y), size=min(n, len(train.y)), replace=False)
+    batches = [zm.preprocess([train.X[i] for i in idx[s:s + 4]]) for s in range(0, len(idx), 4)]
+    params = [k for k, p in clf.named_parameters() if k.startswith("backbone.")]
+    for p in clf.parameters():
+        p.requires_grad_(True)
+    try:
+        return compute_fisher(clf, batches, params=params, method="vmap"), "vmap"
+    except Exception as exc:  # torch.func cannot trace every HF attention path
+        log(f"vmap Fisher failed ({type(exc).__name__}: {str(exc)[:80]}); per-example loop instead")
+        return compute_fisher(clf, batches, params=params, method="loop"), "loop"
+
+
+# ---------------------------------------------------------------------------------------- aTLAS
+class _HeadsObjective:
+    """Cross-entropy of the composed body + the frozen head of each example's task."""
+
+    def __init__(self, heads):
+        self.heads = heads
+
+    def __call__(self, model, batch):
+        inputs = dict(batch["inputs"])
+        task = inputs.pop("task")
+        feats = model(inputs)
+        loss = 0.0
+        for t, head in enumerate(self.heads):
+            m = task == t
+            if m.any():
+                loss = loss + torch.nn.functional.cross_entropy(head(feats[m]), batch["labels"][m], reduction="sum")
+        loss = loss / len(task)
+        return loss, {"loss": float(loss.detach())}
+
+
+def atlas_merge(zm, deltas, trains, shots: int, seed: int, init: float, epochs: int, lr: float):
+    """aTLAS few-shot: learn one coefficient per task per tensor of the body on ``shots`` per class."""
+    from transferkit.delta import NEW, Delta
+    from transferkit.merge import AnisotropicScaling, fit_atlas, few_shot
+
+    pre = "backbone."
+    body_deltas = [Delta(d.base, "full", {k[len(pre):]: v for k, v in d.tensors.items() if k.startswith(pre)}, {})
+                   for d in deltas]
+    heads = []
+    for d in deltas:
+        h = torch.nn.Linear(zm.feature_dim, 2)
+        h.load_state_dict({"weight": d.tensors[NEW + "head.weight"], "bias": d.tensors[NEW + "head.bias"]})
+        h.requires_grad_(False)
+        heads.append(h)
+    texts, labels, tasks = [], [], []
+    for t, tr in enumerate(trains):
+        idx, y = few_shot(np.arange(len(tr.y)), tr.y, shots, seed=seed)
+        texts += [tr.X[i] for i in idx.tolist()]
+        labels += y.tolist()
+        tasks += [t] * len(idx)
+    enc = zm.preprocess(texts)  # padded to the longest (≤ max_length): tensors index by example
+    X = {**{k: v for k, v in enc.items()}, "task": torch.tensor(tasks)}
+    backbone = copy.deepcopy(zm.backbone)
+    composer = AnisotropicScaling(backbone, body_deltas, blockwise=True, init=init, seed=seed)
+    res = fit_atlas(composer, (X, torch.tensor(labels)), _HeadsObjective(heads), epochs=epochs, lr=lr,
+                    batch_size=32, seed=seed, engine=False)
+    merged = Delta(deltas[0].base, "full", {pre + k: v for k, v in res.delta.tensors.items()},
+                   {"method": "atlas", "n_trainable": composer.n_trainable, "shots": shots, "init": init})
+    return merged, composer.n_trainable, res.history
+
+
+# ---------------------------------------------------------------------------------------- main
+def run_seed(seed: int, args, zm, cache: Path) -> dict:
+    from transferkit.merge import (average, dare_merge, fisher_merge, negate, task_arithmetic, ties)
+    from transferkit.delta import Delta
+
+    tasks = args.tasks
+    splits = [load_task(t, args.per_class, seed) for t in tasks]
+    trains = [s[0] for s in splits]
+    val_b = [Batches(zm, s[1]) for s in splits]
+    test_b = [Batches(zm, s[2]) for s in splits]
+    sizes = {t: {"train": len(s[0].y), "val": len(s[1].y), "test": len(s[2].y)} for t, s in zip(tasks, splits)}
+    cfg = {"epochs": args.epochs, "lr": args.lr, "batch_size": 16}
+    deltas, ft_metrics = [], {}
+    for t, tr in zip(tasks, trains):
+        d, m = finetune(zm, t, tr, seed, cfg, cache)
+        d.meta["name"] = t
+        deltas.append(d)
+        ft_metrics[t] = {"seconds": m.get("seconds")}
+    ev = Evaluator(zm)
+    out: dict = {"seed": seed, "sizes": sizes, "methods": {}, "selection": {}, "timing": {}}
+
+    def score(body, which="test"):
+        bs = test_b if which == "test" else val_b
+        return [ev.task_acc(body, d, b) for d, b in zip(deltas, bs)]
+
+    def record(name, body, extra=None, t0=None):
+        accs = score(body)
+        out["methods"][name] = {"acc": dict(zip(tasks, accs)), **(extra or {})}
+        if t0 is not None:
+            out["timing"][name] = round(time.perf_counter() - t0, 1)
+        log(f"seed {seed} {name}: " + " ".join(f"{a:.3f}" for a in accs))
+        return accs
+
+    def pick(name, make, grid):
+        """Choose the grid value with the best mean validation accuracy; record it on test."""
+        t0 = time.perf_counter()
+        vals = {}
+        for g in grid:
+            vals[g] = float(np.mean(score(make(g), "val")))
+        best = max(grid, key=lambda g: (vals[g], -abs(g - 1)))
+        out["selection"][name] = {"grid": {str(g): round(v, 4) for g, v in vals.items()}, "chosen": best}
+        record(name, make(best), {"param": best}, t0)
+        return best
+
+    # individual fine-tunes and the pre-trained body (λ = 0) with each task's head
+    indiv = [accuracy(ev.load(d), b) for d, b in zip(deltas, test_b)]
+    out["methods"]["individual"] = {"acc": dict(zip(tasks, indiv))}
+    log(f"seed {seed} individual: " + " ".join(f"{a:.3f}" for a in indiv))
+    zero = Delta(deltas[0].base, "full", {}, {})
+    record("pre-trained body + task heads", zero)
+    mt = multitask(zm, tasks, trains, seed, cfg, cache)
+    mt_ev = Evaluator(zm, n_classes=2 * len(tasks))
+    clf = mt_ev.load(mt)
+    out["methods"]["multitask (upper ref.)"] = {"acc": {t: accuracy(clf, b, slice(2 * i, 2 * i + 2))
+                                                        for i, (t, b) in enumerate(zip(tasks, test_b))}}
+    log(f"seed {seed} multitask: {out['methods']['multitask (upper ref.)']['acc']}")
+
+    t0 = time.perf_counter()
+    record("average", average(deltas), t0=t0)
+    lam_ta = pick("task arithmetic", lambda g: task_arithmetic(deltas, g), args.ta_grid)
+    pick("TIES global", lambda g: ties(deltas, k=0.2, lam=g, scope="global"), args.ties_grid)
+    pick("TIES per-tensor", lambda g: ties(deltas, k=0.2, lam=g, scope="per_tensor"), args.ties_grid)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t0 = time.perf_counter()
+        record(f"DARE-linear (p={args.dare_p}, λ=TA's)", dare_merge(deltas, p=args.dare_p, seed=seed, lam=lam_ta),
+               {"param": lam_ta}, t0)
+        lam_ties = out["selection"]["TIES global"]["chosen"]
+        t0 = time.perf_counter()
+        record(f"DARE-TIES (p={args.dare_p}, global, λ=TIES's)",
+               dare_merge(deltas, p=args.dare_p, seed=seed, merge="ties", k=0.2, lam=lam_ties, scope="global"),
+               {"param": lam_ties}, t0)
+    out["mean_abs_delta"] = {t: float(sum(v.abs().sum() for k, v in d.tensors.items() if not k.startswith("new."))
+                                      / sum(v.numel() for k, v in d.tensors.items() if not k.startswith("new.")))
+                             for t, d in zip(tasks, deltas)}
+
+    t0 = time.perf_counter()
+    fishers, how = [], None
+    for d, tr in zip(deltas, trains):
+        f, how = fisher_of(ev, zm, d, tr, args.fisher_n, seed)
+        fishers.append(f)
+    record(f"Fisher ({args.fisher_n} ex./task, {how})", fisher_merge(deltas, fishers), t0=t0)
+    del fishers
+
+    t0 = time.perf_counter()
+    merged, n_coef, hist = atlas_merge(zm, deltas, trains, args.shots, seed, lam_ta, args.atlas_epochs, args.atlas_lr)
+    record(f"aTLAS ({args.shots}-shot/class, blockwise)", merged,
+           {"n_trainable": n_coef, "final_train_loss": hist[-1]["train_loss"] if hist else None}, t0)
+
+    # negation: forget one task from the task-arithmetic merge
+    target = tasks.index(args.negate)
+    ta = task_arithmetic(deltas, lam_ta)
+    ref = score(ta)
+    neg = {}
+    for lam in args.neg_grid:
+        body = task_arithmetic([ta, negate(deltas[target], lam)], 1.0)
+        accs = score(body)
+        neg[str(lam)] = {"acc": dict(zip(tasks, accs)),
+                         "target_drop_pp": 100 * (ref[target] - accs[target]),
+                         "others_max_abs_change_pp": max(100 * abs(a - r) for i, (a, r) in enumerate(zip(accs, ref))
+                                                         if i != target),
+                         "others_mean_change_pp": float(np.mean([100 * (a - r) for i, (a, r) in
+                                                                 enumerate(zip(accs, ref)) if i != target]))}
+        log(f"seed {seed} negate {args.negate} λ={lam}: {neg[str(lam)]}")
+    out["negation"] = {"target": args.negate, "from": f"task arithmetic (λ={lam_ta})", "reference": dict(zip(tasks, ref)),
+                       "by_lambda": neg}
+    out["fine_tune"] = ft_metrics
+    return out
+
+
+def summarise(runs: list[dict], tasks: list[str]) -> dict:
+    methods = list(runs[0]["methods"])
+    table = {}
+    for m in methods:
+        per_seed_abs = [[r["methods"][m]["acc"][t] for t in tasks] for r in runs]
+        per_seed_norm = [[r["methods"][m]["acc"][t] / r["methods"]["individual"]["acc"][t] for t in tasks] for r in runs]
+        a, n = np.array(per_seed_abs), np.array(per_seed_norm)
+        table[m] = {"abs": dict(zip(tasks, a.mean(0).round(4).tolist())),
+                    "norm": dict(zip(tasks, n.mean(0).round(4).tolist())),
+                    "abs_avg": round(float(a.mean()), 4), "norm_avg": round(float(n.mean()), 4),
+                    "norm_avg_std_over_seeds": round(float(n.mean(1).std()), 4) if len(runs) > 1 else None}
+    return table
+
+
+def markdown(result: dict) -> str:
+    tasks, table = result["tasks"], result["table"]
+    short = [t.replace("vader:", "") for t in tasks]
+    lines = [f"# merge_text: merging {len(tasks)} full fine-tunes of {MODEL}", "",
+             f"Command: `{result['command']}`  ", f"Seeds: {result['seeds']}; wall time {result['seconds']:.0f} s; "
+             f"{result['notes']}", "",
+             "| method | " + " | ".join(f"{s} acc (norm)" for s in short) + " | avg acc | **avg normalized** |",
+             "|---|" + "---|" * (len(tasks) + 2)]
+    for m, row in table.items():
+        cells = [f"{row['abs'][t]:.3f} ({row['norm'][t]:.2f})" for t in tasks]
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {row['abs_avg']:.3f} | **{row['norm_avg']:.3f}** |")
+    lines += ["", "Normalized accuracy = merged ÷ individual fine-tune on the same test split (per task, then "
+              "averaged). λ chosen on the validation split:"]
+    for r in result["runs"]:
+        for m, sel in r["selection"].items():
+            lines.append(f"- seed {r['seed']} {m}: grid {sel['grid']} → λ = {sel['chosen']}")
+    lines += ["", "## Negation (forget one task from the task-arithmetic merge)", "",
+              "| seed | λ_neg | target task | target drop (pp) | others: max abs change (pp) | others: mean change (pp) |",
+              "|---|---|---|---|---|---|"]
+    for r in result["runs"]:
+        neg = r["negation"]
+        for lam, v in neg["by_lambda"].items():
+            lines.append(f"| {r['seed']} | {lam} | {neg['target']} | {v['target_drop_pp']:.1f} | "
+                         f"{v['others_max_abs_change_pp']:.1f} | {v['others_mean_change_pp']:+.1f} |")
+    lines += ["", "## Targets (issue 5)", ""]
+    for k, v in result["targets"].items():
+        lines.append(f"- {k}: **{'met' if v['met'] else 'missed'}** ({v['detail']})")
+    return "\n".join(lines) + "\n"
+
+
+def targets(table: dict, runs: list[dict]) -> dict:
+    def norm(prefix):
+        return max((v["norm_avg"] for k, v in table.items() if k.startswith(prefix)), default=float("nan"))
+
+    ties_n, ta_n, avg_n = norm("TIES"), table["task arithmetic"]["norm_avg"], table["average"]["norm_avg"]
+    fisher_n = norm("Fisher")
+    merged = {k: v["norm_avg"] for k, v in table.items() if k not in ("individual", "multitask (upper ref.)",
+                                                                       "pre-trained body + task heads")}
+    best = max(merged, key=merged.get)
+    negs = [v for r in runs for v in r["negation"]["by_lambda"].values()]
+    ok = [v for v in negs if v["target_drop_pp"] > 20 and v["others_max_abs_change_pp"] < 2]
+    return {
+        "TIES > task arithmetic > average": {"met": bool(ties_n > ta_n > avg_n),
+                                             "detail": f"best TIES {ties_n:.3f}, TA {ta_n:.3f}, average {avg_n:.3f}"},
+        "best method ≥ 90% normalized": {"met": bool(merged[best] >= 0.9), "detail": f"{best}: {merged[best]:.3f}"},
+        "Fisher ≥ average": {"met": bool(fisher_n >= avg_n), "detail": f"Fisher {fisher_n:.3f}, average {avg_n:.3f}"},
+        "negation: target drop > 20 pp, others < 2 pp": {
+            "met": bool(ok), "detail": "; ".join(f"drop {v['target_drop_pp']:.1f} pp, others max {v['others_max_abs_change_pp']:.1f} pp"
+                                                 for v in negs)},
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tasks", default=",".join(TASKS))
+    ap.add_argument("--seeds", default="0")
+    ap.add_argument("--per-class", type=int, default=250)
+    ap.add_argument("--max-length", type=int, default=48)
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--ta-grid", default="0.3,0.5,0.7,1.0")
+    ap.add_argument("--ties-grid", default="0.6,1.0,1.4")
+    ap.add_argument("--dare-p", type=float, default=0.9)
+    ap.add_argument("--fisher-n", type=int, default=64)
+    ap.add_argument("--shots", type=int, default=16)
+    ap.add_argument("--atlas-epochs", type=int, default=8)
+    ap.add_argument("--atlas-lr", type=float, default=1e-2)
+    ap.add_argument("--negate", default="spamassassin")
+    ap.add_argument("--neg-grid", default="0.5,1.0,2.0")
+    ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "transferkit" / "derived" / "merge_text")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--quick", action="store_true", help="tiny smoke run, written to /tmp, not a result")
+    args = ap.parse_args(argv)
+    args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    for k in ("ta_grid", "ties_grid", "neg_grid"):
+        setattr(args, k, [float(x) for x in getattr(args, k).split(",")])
+    seeds = [int(s) for s in args.seeds.split(",")]
+    if args.quick:
+        args.per_class, args.epochs, args.fisher_n, args.shots, args.atlas_epochs = 20, 1, 4, 2, 1
+        args.ta_grid, args.ties_grid, args.neg_grid = [0.5], [1.0], [1.0]
+        args.cache = Path("/tmp/merge_text_quick")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    from transferkit.zoo import load_model
+
+    t0 = time.perf_counter()
+    zm = load_model(MODEL, max_length=args.max_length)
+    cache = args.cache / f"pc{args.per_class}-ml{args.max_length}-e{args.epochs}-lr{args.lr:g}"
+    runs = [run_seed(s, args, zm, cache) for s in seeds]
+    table = summarise(runs, args.tasks)
+    result = {
+        "benchmark": "merge_text", "model": MODEL, "tasks": args.tasks, "seeds": seeds,
+        "command": "OMP_NUM_THREADS=1 python benchmarks/merge_text.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "notes": (f"full fine-tunes ({args.epochs} epochs, lr {args.lr:g}, batch 16, max_length {args.max_length}); "
+                  f"{args.per_class}/class sampled per task, split 70/30 train+val/test, val = 20% of train+val. "
+                  + ("ONE seed only (CPU budget): no spread over seeds." if len(seeds) == 1 else "")),
+        "table": table, "runs": runs, "seconds": time.perf_counter() - t0,
+    }
+    result["targets"] = targets(table, runs)
+    md = markdown(result)
+    dest = Path("/tmp") if args.quick else RESULTS
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "merge_text.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    (dest / "merge_text.md").write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,294 @@
+"""How well do transferability metrics rank real model zoos? Measured against real fine-tuning.
+
+Zoos (all real, from ../shared/ASSETS.md):
+
+* images — MobileNetV2, EfficientNet-Lite0/1/2 (ImageNet) and the MNIST/USPS/SVHN digit CNNs on
+  OpenCV digits, sklearn digits and Fashion-MNIST (``--image-targets``; MNIST is available too);
+* text — all-MiniLM-L6-v2, paraphrase-MiniLM-L3-v2, all-mpnet-base-v2, plus MiniLM checkpoints that
+  this benchmark fine-tunes itself on *other* real text tasks (VADER tweets / Amazon / NYT
+  domains — intermediate-task transfer, a realistic hub zoo) on VADER movies, SpamAssassin and
+  fine-food reviews.
+
+Per target: a stratified sample (``--image-per-class`` / ``--text-per-class``) split in half; every
+metric scores the training half (features cached); the ground truth is each model's measured test
+accuracy after (a) full fine-tuning with a small lr grid (``tune(method="full")``, lr chosen on
+tune's validation split) and (b) a linear probe on frozen features (C chosen on a validation split).
+Both are cached under the transferkit cache, so re-runs only redo the cheap parts. Reported: τ_w
+(``scipy.stats.weightedtau``), Pearson, rel@1 and regret per metric and target, and the mean τ_w.
+
+CPU budget: on the shared 2-core machine the ImageNet CNNs run at ``--image-size`` (default 112 px
+instead of 224/240/260 — about 4× cheaper to extract and fine-tune; the choice applies to metrics
+and both ground truths alike, so the comparison is consistent); ``--image-size 0`` keeps the
+native sizes. Text is truncated to ``--max-length`` tokens (default 128).
+
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/rank_zoo.py              # ≈ 25 min cold, ≈ 2 min cached
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/rank_zoo.py --quick      # smaller, for a smoke run
+
+Writes benchmarks/results/rank_zoo.json and rank_zoo.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+IMAGE_MODELS = ["mobilenet-v2", "efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2",
+                "digits-mnist", "digits-usps", "digits-svhn"]
+IMAGENET = {"mobilenet-v2", "efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2"}
+TEXT_MODELS = ["all-minilm-l6-v2", "paraphrase-minilm-l3-v2", "all-mpnet-base-v2"]
+# intermediate-task checkpoints: (name, base model, source task)
+CHECKPOINTS = [("minilm-l6@vader-tweets", "all-minilm-l6-v2", "vader:tweets"),
+               ("minilm-l6@vader-amazon", "all-minilm-l6-v2", "vader:amazon"),
+               ("minilm-l6@vader-nyt", "all-minilm-l6-v2", "vader:nyt"),
+               ("minilm-l3@vader-tweets", "paraphrase-minilm-l3-v2", "vader:tweets")]
+SET_LEVEL = ["etran", "ncti"]
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------ models
+def image_model(name: str, size: int):
+    from transferkit.zoo import load_model
+
+    return load_model(name, size=size) if (size and name in IMAGENET) else load_model(name)
+
+
+def text_model(spec: str, max_length: int, name: str | None = None):
+    from transferkit.zoo import load_model
+
+    return load_model(spec, max_length=max_length, **({"name": name} if name else {}))
+
+
+def build_checkpoints(args) -> dict[str, object]:
+    """Fine-tune the intermediate-task checkpoints once (cached as HF directories) and load them."""
+    from transferkit.assets import cache_dir
+    from transferkit.data import load_dataset, train_test_split
+    from transferkit.tune import tune
+
+    out = {}
+    root = cache_dir() / "rank_zoo" / "checkpoints"
+    for name, base, task in CHECKPOINTS[: args.checkpoints]:
+        tag = f"{name}-pc{args.ckpt_per_class}-e{args.ckpt_epochs}-len{args.max_length}"
+        path = root / tag
+        info_path = path / "transferkit_checkpoint.json"
+        if not info_path.is_file():
+            t0 = time.perf_counter()
+            log(f"checkpoint {name}: fine-tuning {base} on {task}")
+            ds = load_dataset(task, per_class=args.ckpt_per_class, seed=1)
+            tr, te = train_test_split(ds, test_size=0.2, seed=1)
+            model = text_model(base, args.max_length)
+            res = tune(model, tr, te, method="full", config={"epochs": args.ckpt_epochs, "lr": 1e-4, "batch_size": 16},
+                       progress=False)
+            from transferkit.io import atomic_path
+
+            with atomic_path(path) as tmp:
+                tmp.mkdir()
+                res.module.backbone.model.save_pretrained(tmp)
+                model.preprocess.tokenizer.save_pretrained(tmp)
+                (tmp / "transferkit_checkpoint.json").write_text(json.dumps({
+                    "name": name, "base": base, "task": task, "source_accuracy": res.metrics["test_accuracy"],
+                    "seconds": round(time.perf_counter() - t0, 1)}))
+        info = json.loads(info_path.read_text())
+        log(f"checkpoint {name}: source-task accuracy {info['source_accuracy']:.3f}")
+        out[name] = text_model(str(path), args.max_length, name=name)
+        out[name].meta["checkpoint"] = info
+    return out
+
+
+# -------------------------------------------------------------------------------------------- one target
+def timed_features(model, ds):
+    """Features (cached) and the seconds their extraction took (measured once, remembered on disk)."""
+    from transferkit.features import cache_path, extract, fingerprint
+
+    path = cache_path(fingerprint(model, ds, "penultimate"), model.name)
+    tfile = path.parent / (path.name + ".seconds")
+    t0 = time.perf_counter()
+    hit = (path / "features.json").is_file()
+    f = extract(model, ds, progress=False)
+    sec = time.perf_counter() - t0
+    if not hit:
+        tfile.write_text(str(sec))
+    elif tfile.is_file():
+        sec = float(tfile.read_text())
+    return f, sec
+
+
+def run_target(target: str, models: dict, args, per_class: int, ft_cfg: dict, lrs: list[float]) -> dict:
+    from transferkit.data import load_dataset, train_test_split
+    from transferkit.rank import METRICS, rank_features
+    from transferkit.rank.auto import DEFAULT_METRICS, aggregate_ranks
+    from transferkit.rank.groundtruth import measure
+    from transferkit.rank.runner import _set_level
+
+    ds = load_dataset(target, per_class=per_class, seed=args.seed)
+    train, test = train_test_split(ds, test_size=0.5, seed=args.seed)
+    log(f"{target}: {len(train)} train / {len(test)} test, {len(ds.classes)} classes, {len(models)} models")
+    feats, feat_s = {}, {}
+    for name, m in models.items():
+        feats[name], feat_s[name] = timed_features(m, train)
+    metrics = list(METRICS)
+    ranked = rank_features(feats, metrics, seed=args.seed)
+    scores = {k: dict(ranked["scores"][k]) for k in metrics}
+    metric_s = {k: float(sum(ranked["time_s"][k].values())) for k in metrics}
+    notes = sorted({f"{s['metric']}: {s['reason']}" for s in ranked["skipped"]})
+    for k in SET_LEVEL:
+        scores[k], metric_s[k] = _set_level(k, feats, args.seed, notes, {})
+    agg = aggregate_ranks({k: scores[k] for k in DEFAULT_METRICS}, list(models))
+    scores["auto"] = {m: v for m, v in agg["scores"].items() if math.isfinite(v)}
+    metric_s["auto"] = sum(metric_s[k] for k in DEFAULT_METRICS)
+    truth: dict[str, dict] = {"finetune": {}, "linear": {}}
+    gt_s: dict[str, dict] = {"finetune": {}, "linear": {}}
+    runs: dict[str, dict] = {"finetune": {}, "linear": {}}
+    for proto in args.ground_truth:
+        for name, m in models.items():
+            t0 = time.perf_counter()
+            res = measure(m, train, test, protocol=proto, config=ft_cfg if proto == "finetune" else None,
+                          lrs=lrs if proto == "finetune" else None, seed=args.seed)
+            truth[proto][name] = res["accuracy"]
+            gt_s[proto][name] = res["seconds"]
+            runs[proto][name] = {k: res[k] for k in ("accuracy", "oracle_accuracy", "selected", "grid", "seconds")}
+            log(f"{target}: {proto:8s} {name:26s} acc {res['accuracy']:.3f} "
+                f"({'cached' if res['cached'] else f'{time.perf_counter() - t0:.0f}s'})")
+    evals = {}
+    from transferkit.rank.runner import evaluation
+
+    for proto in args.ground_truth:
+        evals[proto] = evaluation(scores, truth[proto], notes)
+    majority = float(max(np.mean(test.y == c) for c in range(len(test.classes))))
+    return {"target": target, "n_train": len(train), "n_test": len(test), "classes": len(ds.classes),
+            "majority": majority, "scores": scores, "ground_truth": truth, "ground_truth_runs": runs,
+            "evaluation": evals, "seconds": {"features": feat_s, "metrics": metric_s, "ground_truth": gt_s},
+            "notes": notes}
+
+
+# ------------------------------------------------------------------------------------------------ report
+def summarise(zoo: str, results: list[dict], protos: list[str]) -> dict:
+    metrics = list(results[0]["scores"])
+    out = {}
+    for proto in protos:
+        table = {}
+        for k in metrics:
+            taus = [r["evaluation"][proto].get(k, {}).get("weighted_tau") for r in results]
+            rel = [r["evaluation"][proto].get(k, {}).get("rel@1") for r in results]
+            reg = [r["evaluation"][proto].get(k, {}).get("regret") for r in results]
+            ok = [t for t in taus if t is not None]
+            table[k] = {"per_target": dict(zip([r["target"] for r in results], taus)),
+                        "mean_tau_w": float(np.mean(ok)) if len(ok) == len(taus) and ok else None,
+                        "mean_rel@1": float(np.mean([x for x in rel if x is not None])) if any(x is not None for x in rel) else None,
+                        "mean_regret": float(np.mean([x for x in reg if x is not None])) if any(x is not None for x in reg) else None}
+        out[proto] = table
+    return out
+
+
+def fmt(v, nd=3) -> str:
+    return "—" if v is None else f"{v:.{nd}f}"
+
+
+def markdown(doc: dict) -> str:
+    lines = ["# rank_zoo: transferability metrics vs measured transfer on real zoos", "",
+             f"Command: `{doc['command']}`", "",
+             f"Machine: {doc['machine']}. Total wall time {doc['seconds_total']:.0f} s.", ""]
+    for zoo, z in doc["zoos"].items():
+        lines += [f"## {zoo} zoo", "", "Models: " + ", ".join(z["models"]), ""]
+        for r in z["targets"]:
+            lines.append(f"- **{r['target']}**: {r['n_train']} train / {r['n_test']} test, {r['classes']} classes, "
+                         f"majority {r['majority']:.2f}. Measured accuracy (fine-tune | linear probe): " +
+                         "; ".join(f"{m} {fmt(r['ground_truth']['finetune'].get(m))} | {fmt(r['ground_truth']['linear'].get(m))}"
+                                   for m in z["models"]))
+        lines.append("")
+        for proto in doc["ground_truth"]:
+            s = z["summary"][proto]
+            targets = [r["target"] for r in z["targets"]]
+            lines += [f"### τ_w against {'fine-tuning' if proto == 'finetune' else 'linear-probe'} accuracy", "",
+                      "| metric | " + " | ".join(targets) + " | mean τ_w | mean rel@1 | mean regret |",
+                      "|---|" + "---|" * (len(targets) + 3)]
+            order = sorted(s, key=lambda k: -(s[k]["mean_tau_w"] if s[k]["mean_tau_w"] is not None else -9))
+            for k in order:
+                lines.append(f"| {k} | " + " | ".join(fmt(s[k]["per_target"][t]) for t in targets) +
+                             f" | **{fmt(s[k]['mean_tau_w'])}** | {fmt(s[k]['mean_rel@1'])} | {fmt(s[k]['mean_regret'])} |")
+            lines.append("")
+    lines += ["## Notes", ""] + [f"- {n}" for n in doc.get("notes", [])]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--zoos", default="image,text")
+    ap.add_argument("--image-targets", default="opencv-digits,sklearn-digits,fashion-mnist")
+    ap.add_argument("--text-targets", default="vader:movies,spamassassin,finefood")
+    ap.add_argument("--image-per-class", type=int, default=20)
+    ap.add_argument("--text-per-class", type=int, default=60)
+    ap.add_argument("--image-size", type=int, default=112, help="input size of the ImageNet CNNs (0: native)")
+    ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--epochs", type=int, default=2, help="fine-tuning epochs of the ground truth")
+    ap.add_argument("--image-lrs", default="1e-3,1e-4")
+    ap.add_argument("--text-lrs", default="1e-4,3e-5")
+    ap.add_argument("--ground-truth", default="finetune,linear")
+    ap.add_argument("--checkpoints", type=int, default=4, help="how many intermediate-task text checkpoints (0-4)")
+    ap.add_argument("--ckpt-per-class", type=int, default=100)
+    ap.add_argument("--ckpt-epochs", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="smoke run: 2 targets per zoo, fewer samples, 1 epoch")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = ap.parse_args()
+    if args.quick:
+        args.image_targets = ",".join(args.image_targets.split(",")[:2])
+        args.text_targets = ",".join(args.text_targets.split(",")[:2])
+        args.image_per_class, args.text_per_class, args.epochs, args.checkpoints = 10, 30, 1, min(args.checkpoints, 2)
+        args.ckpt_per_class = 50
+    args.ground_truth = [g.strip() for g in args.ground_truth.split(",") if g.strip()]
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    from transferkit.io import write_json, write_text
+
+    t_start = time.perf_counter()
+    doc = {"command": "OMP_NUM_THREADS=" + os.environ.get("OMP_NUM_THREADS", "?") + " .venv/bin/python benchmarks/rank_zoo.py "
+                      + " ".join(sys.argv[1:]),
+           "machine": f"{os.cpu_count()} CPU cores (shared), torch threads {torch.get_num_threads()}",
+           "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+           "ground_truth": args.ground_truth, "zoos": {}, "notes": []}
+    zoos = [z.strip() for z in args.zoos.split(",") if z.strip()]
+    ft = {"epochs": args.epochs, "batch_size": 16}
+    for zoo in zoos:
+        if zoo == "image":
+            models = {n: image_model(n, args.image_size) for n in IMAGE_MODELS}
+            targets, pc, lrs = args.image_targets.split(","), args.image_per_class, [float(x) for x in args.image_lrs.split(",")]
+        else:
+            models = {n: text_model(n, args.max_length) for n in TEXT_MODELS}
+            models.update(build_checkpoints(args))
+            targets, pc, lrs = args.text_targets.split(","), args.text_per_class, [float(x) for x in args.text_lrs.split(",")]
+        results = []
+        for t in targets:
+            results.append(run_target(t, models, args, pc, ft, lrs))
+            doc["zoos"][zoo] = {"models": list(models), "targets": results,
+                                "summary": summarise(zoo, results, args.ground_truth),
+                                "checkpoints": {n: m.meta.get("checkpoint") for n, m in models.items() if m.meta.get("checkpoint")}}
+            doc["seconds_total"] = time.perf_counter() - t_start
+            write_json(args.out / "rank_zoo.json", doc)  # partial results survive an interruption
+        s = doc["zoos"][zoo]["summary"]
+        for proto in args.ground_truth:
+            print(f"\n{zoo} zoo — mean weighted tau vs {proto} ground truth")
+            for k, v in sorted(s[proto].items(), key=lambda kv: -(kv[1]["mean_tau_w"] if kv[1]["mean_tau_w"] is not None else -9)):
+                print(f"  {k:18s} " + "  ".join(fmt(x) for x in v["per_target"].values()) + f"   mean {fmt(v['mean_tau_w'])}")
+    doc["seconds_total"] = time.perf_counter() - t_start
+    doc["notes"] = sorted({n for z in doc["zoos"].values() for r in z["targets"] for n in r["notes"]})
+    write_json(args.out / "rank_zoo.json", doc)
+    write_text(args.out / "rank_zoo.md", markdown(doc))
+    log(f"done in {doc['seconds_total']:.0f} s; wrote {args.out / 'rank_zoo.json'} and rank_zoo.md")
+
+
+if __name__ == "__main__":
+    main()
