@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip install --constraint constraints.txt
 
-.PHONY: install install-test test test-fast demo bench clean
+.PHONY: install install-test system-deps test test-fast demo bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -15,7 +15,13 @@ install: $(BIN)/python
 install-test: $(BIN)/python
 	$(PIP) --quiet -e '.[test]'
 
-test: install-test
+# Optional: headless Chromium for the report screenshot test (skipped when absent).
+system-deps:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium >/dev/null 2>&1; } || \
+	  echo "note: chromium not installed; the report screenshot test will be skipped"
+
+test: install-test system-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: install-test
