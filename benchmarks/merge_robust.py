@@ -76,8 +76,9 @@ def main(argv=None) -> int:
     ap.add_argument("--sigma", type=float, default=0.4, help="Gaussian noise std on [0, 1] pixels")
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--lr", type=float, default=5e-4)
-    ap.add_argument("--layers", type=int, default=7, help="shallow weight layers in the signature")
-    ap.add_argument("--alphas", default="0.5,1.0,2.0")
+    ap.add_argument("--layers", default="7,all", help="comma-separated: shallow weight layers in the signature "
+                    "(an int, or 'all' for every parameter)")
+    ap.add_argument("--alphas", default="1.0,2.0")
     ap.add_argument("--bn-batches", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
@@ -131,8 +132,9 @@ def main(argv=None) -> int:
         return apply(m, delta)
 
     clean_m, noise_m = model_of(d_clean), model_of(d_noise)
-    sig = robust_signature(pre_state, clean_m.state_dict(), noise_m.state_dict(), layers=args.layers, name="gaussian")
-    n_sig = sum(v.numel() for v in sig.tensors.values())
+    layer_settings = [None if x.strip() == "all" else int(x) for x in str(args.layers).split(",")]
+    sigs = {L: robust_signature(pre_state, clean_m.state_dict(), noise_m.state_dict(), layers=L, name="gaussian")
+            for L in layer_settings}
     n_model = sum(p.numel() for p in clean_m.parameters())
 
     ntr = noisy_train.X
@@ -153,49 +155,60 @@ def main(argv=None) -> int:
     row("noise fine-tune θ_noise (reference)", noise_m, alpha=None, bn="fine-tuned")
     for bn_name, bn_data in (("re-est. noisy", bn_noisy), ("re-est. mixed", bn_mixed)):
         row(f"θ_clean, BN {bn_name} only (α = 0)", reestimate_bn(copy.deepcopy(clean_m), bn_data), alpha=0.0, bn=bn_name)
-    for a in alphas:
-        patched = patch(copy.deepcopy(clean_m), sig, a)
-        row(f"θ_clean + {a:g}·RWS", patched, alpha=a, bn="fine-tuned")
-        for bn_name, bn_data in (("re-est. noisy", bn_noisy), ("re-est. mixed", bn_mixed)):
-            row(f"θ_clean + {a:g}·RWS, BN {bn_name}", reestimate_bn(copy.deepcopy(patched), bn_data), alpha=a, bn=bn_name)
-    row("θ_clean + 1·RWS (int8 signature), BN re-est. noisy",
-        reestimate_bn(patch(copy.deepcopy(clean_m), sig.quantized(), 1.0), bn_noisy), alpha=1.0, bn="re-est. noisy",
-        quantized=True)
+    for L, sig in sigs.items():
+        tag = "all layers" if L is None else f"{L} layers"
+        for a in alphas:
+            patched = patch(copy.deepcopy(clean_m), sig, a)
+            row(f"θ_clean + {a:g}·RWS ({tag})", patched, alpha=a, bn="fine-tuned", layers=L)
+            for bn_name, bn_data in (("re-est. noisy", bn_noisy), ("re-est. mixed", bn_mixed)):
+                row(f"θ_clean + {a:g}·RWS ({tag}), BN {bn_name}", reestimate_bn(copy.deepcopy(patched), bn_data),
+                    alpha=a, bn=bn_name, layers=L)
+        row(f"θ_clean + 1·RWS ({tag}, int8 signature), BN re-est. mixed",
+            reestimate_bn(patch(copy.deepcopy(clean_m), sig.quantized(), 1.0), bn_mixed), alpha=1.0,
+            bn="re-est. mixed", layers=L, quantized=True)
 
     for r in rows:
         r["clean_change_pp"] = 100 * (r["clean"] - base_row["clean"])
         r["noisy_gain_pp"] = 100 * (r["noisy"] - base_row["noisy"])
     patched_rows = [r for r in rows if r["alpha"] and r is not base_row]
     good = [r for r in patched_rows if r["noisy_gain_pp"] > 10 and r["clean_change_pp"] > -2]
-    best = max(patched_rows, key=lambda r: (r["noisy_gain_pp"] if r["clean_change_pp"] > -2 else -1e9, r["noisy_gain_pp"]))
+    within = [r for r in patched_rows if r["clean_change_pp"] > -2]
+    best = max(within, key=lambda r: r["noisy_gain_pp"]) if within else None
+    cheapest = max(patched_rows, key=lambda r: (r["clean_change_pp"], r["noisy_gain_pp"]))
     result = {
         "benchmark": "merge_robust", "model": MODEL, "data": "fashion-mnist",
         "command": "OMP_NUM_THREADS=1 python benchmarks/merge_robust.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "sizes": {"train": len(tr), "test": len(te)},
-        "signature": {"tensors": len(sig.tensors), "params": n_sig, "model_params": n_model,
-                      "int8_bytes": sig.nbytes(True), "float32_model_bytes": 4 * n_model,
-                      "compression_vs_model": round(4 * n_model / sig.nbytes(True), 1),
-                      "names": list(sig.tensors)},
+        "signatures": {("all" if L is None else str(L)): {
+            "tensors": len(sig.tensors), "params": sum(v.numel() for v in sig.tensors.values()),
+            "model_params": n_model, "int8_bytes": sig.nbytes(True), "float32_model_bytes": 4 * n_model,
+            "compression_vs_model": round(4 * n_model / sig.nbytes(True), 1), "names": list(sig.tensors)}
+            for L, sig in sigs.items()},
         "rows": rows, "fine_tune_seconds": round(ft_seconds, 1), "seconds": round(time.perf_counter() - t_start, 1),
         "target": {"text": "corrupted accuracy +10 pp at < 2 pp clean cost", "met": bool(good),
-                   "best": best["model"], "best_noisy_gain_pp": best["noisy_gain_pp"],
-                   "best_clean_change_pp": best["clean_change_pp"]},
+                   "best_within_clean_limit": best and best["model"],
+                   "smallest_clean_cost": {k: cheapest[k] for k in ("model", "clean_change_pp", "noisy_gain_pp")}},
     }
     md = [f"# merge_robust: robust weight signatures on {MODEL} (Fashion-MNIST, Gaussian noise σ = {args.sigma:g})", "",
           f"Command: `{result['command']}`  ",
           f"{len(tr)} training / {len(te)} test images ({args.per_class}/class pool), {args.size} px, full fine-tunes "
-          f"({args.epochs} epochs, lr {args.lr:g}), one seed ({args.seed}); signature on the first {args.layers} weight "
-          f"layers: {len(sig.tensors)} tensors, {n_sig:,} of {n_model:,} parameters, "
-          f"{sig.nbytes(True) / 1024:.1f} KiB in int8 ({result['signature']['compression_vs_model']}× smaller than the "
-          f"float32 model). BN re-estimation: {args.bn_batches} batches of 32 training images (noisy, or half clean/half noisy).",
+          f"({args.epochs} epochs, lr {args.lr:g}), one seed ({args.seed}). Signatures: "
+          + "; ".join(f"{'all layers' if L is None else f'first {L} weight layers'}: {len(sig.tensors)} tensors, "
+                      f"{sum(v.numel() for v in sig.tensors.values()):,} of {n_model:,} parameters, "
+                      f"{sig.nbytes(True) / 1024:.1f} KiB in int8 ({4 * n_model / sig.nbytes(True):.1f}× smaller than "
+                      "the float32 model)" for L, sig in sigs.items())
+          + f". BN re-estimation: {args.bn_batches} batches of 32 training images (noisy, or half clean/half noisy).",
           "", "| model | BN statistics | clean acc | noisy acc | clean change (pp) | noisy gain (pp) |", "|---|---|---|---|---|---|"]
     for r in rows:
         md.append(f"| {r['model']} | {r['bn']} | {r['clean']:.3f} | {r['noisy']:.3f} | {r['clean_change_pp']:+.1f} | "
                   f"{r['noisy_gain_pp']:+.1f} |")
+    detail = (f"best patched row within the 2 pp clean-cost limit: {best['model']} ({best['noisy_gain_pp']:+.1f} pp "
+              f"noisy, {best['clean_change_pp']:+.1f} pp clean)" if best else
+              f"no patched row stays within 2 pp clean cost; the smallest clean cost is {cheapest['clean_change_pp']:+.1f} "
+              f"pp ({cheapest['model']}, {cheapest['noisy_gain_pp']:+.1f} pp noisy)")
     md += ["", f"Target (issue 5): corrupted accuracy +10 pp at < 2 pp clean cost — **{'met' if good else 'missed'}**; "
-           f"best patched row under the clean-cost limit: {best['model']} ({best['noisy_gain_pp']:+.1f} pp noisy, "
-           f"{best['clean_change_pp']:+.1f} pp clean)."]
+           + detail + "."]
     text = "\n".join(md) + "\n"
     dest = Path("/tmp") if args.quick else RESULTS
     dest.mkdir(parents=True, exist_ok=True)

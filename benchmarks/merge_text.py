@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import sys
 import time
 import warnings
@@ -173,7 +172,7 @@ class _HeadsObjective:
 def atlas_merge(zm, deltas, trains, shots: int, seed: int, init: float, epochs: int, lr: float):
     """aTLAS few-shot: learn one coefficient per task per tensor of the body on ``shots`` per class."""
     from transferkit.delta import NEW, Delta
-    from transferkit.merge import AnisotropicScaling, fit_atlas, few_shot
+    from transferkit.merge import AnisotropicScaling, few_shot, fit_atlas
 
     pre = "backbone."
     body_deltas = [Delta(d.base, "full", {k[len(pre):]: v for k, v in d.tensors.items() if k.startswith(pre)}, {})
@@ -203,8 +202,15 @@ def atlas_merge(zm, deltas, trains, shots: int, seed: int, init: float, epochs: 
 
 # ---------------------------------------------------------------------------------------- main
 def run_seed(seed: int, args, zm, cache: Path) -> dict:
-    from transferkit.merge import (average, dare_merge, fisher_merge, negate, task_arithmetic, ties)
     from transferkit.delta import Delta
+    from transferkit.merge import (
+        average,
+        dare_merge,
+        fisher_merge,
+        negate,
+        task_arithmetic,
+        ties,
+    )
 
     tasks = args.tasks
     splits = [load_task(t, args.per_class, seed) for t in tasks]

@@ -157,7 +157,7 @@ def merge(
 def render_merge(report: dict) -> None:
     ev = report.get("evaluation")
     if ev:
-        rows = [[t["model"], t["data"], t["merged"], t["individual"], t["normalized"]] for t in ev["tasks"]]
+        rows = [[Path(t["model"]).name, t["data"], t["merged"], t["individual"], t["normalized"]] for t in ev["tasks"]]
         rows.append(["average", "", ev["merged_avg"], ev["individual_avg"], ev["normalized_avg"]])
         table(f"merged ({report['method']}) vs individual fine-tunes (test accuracy)",
               ["model", "data", "merged", "individual", "normalized"], rows)
@@ -383,13 +383,15 @@ def run_merge(spec: dict[str, Any], out: Path, *, limit: int | None = None, per_
     if len(kinds) > 1:
         raise ConfigError("cannot mix Delta run folders and safetensors checkpoints in one merge")
     kind = kinds.pop()
-    caught: list[warnings.WarningMessage] = []
     out = Path(out)
     report: dict[str, Any] = {"method": method, "n_models": len(entries), "out": str(out),
                               "models": [{"model": e["model"], **({"weight": e["weight"]} if "weight" in e else {}),
                                           **({"data": e["data"]} if "data" in e else {})} for e in entries]}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        if spec.get("dtype"):
+            warnings.warn(f"dtype {spec['dtype']!r} is ignored: Deltas are merged and saved in float32, checkpoints "
+                          "keep the base checkpoint's dtypes")
         if kind == "checkpoint":
             if spec.get("evaluate"):
                 raise ConfigError("--evaluate needs Delta run folders (from `transferkit tune`), not checkpoints")
@@ -539,7 +541,15 @@ def _scaled(delta, fn: Callable[[str], float]):
 def merge_deltas(method: str, deltas: list, entries: list[dict], params: dict, *, limit=None, per_class=None,
                  seed: int = 0, base_spec: str | None = None):
     """Merge Deltas in memory with :mod:`transferkit.merge`; per-layer values as the module docstring says."""
-    from . import average, dare_merge, fisher_merge, merge_lora, negate, task_arithmetic, ties, uniform_soup
+    from . import (
+        average,
+        dare_merge,
+        merge_lora,
+        negate,
+        task_arithmetic,
+        ties,
+        uniform_soup,
+    )
 
     exclude = _exclude(params)
     lam = params.get("lambda")
