@@ -35,6 +35,11 @@ def guard(fn: Callable) -> Callable:
 
 
 def emit(obj: Any, as_json: bool, render: Callable[[Any], None]) -> None:
+    """Print ``obj`` as one JSON document or through ``render`` — once, on the main process."""
+    from .engine.loop import is_main_process
+
+    if not is_main_process():
+        return
     if as_json:
         from .io import _json_default
 

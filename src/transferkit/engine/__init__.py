@@ -8,7 +8,7 @@ See :mod:`transferkit.engine.loop` for determinism, resume and multi-process lau
 """
 
 from .checkpoint import latest_checkpoint, list_checkpoints
-from .loop import TrainConfig, TrainResult, evaluate, lr_factor, train
+from .loop import TrainConfig, TrainResult, evaluate, is_main_process, lr_factor, train, world_size
 from .objectives import CrossEntropy, Objective, forward, logits_of
 
 __all__ = [
@@ -17,6 +17,8 @@ __all__ = [
     "train",
     "evaluate",
     "lr_factor",
+    "is_main_process",
+    "world_size",
     "Objective",
     "CrossEntropy",
     "forward",

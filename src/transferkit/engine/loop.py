@@ -45,6 +45,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import os
 import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -487,7 +488,9 @@ def _make_accelerator(config: TrainConfig) -> Any:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
-    kwargs = dict(cpu=config.cpu, mixed_precision=config.mixed_precision)
+    # under torchrun without a GPU, accelerate needs cpu=True to form the gloo group (MULTI_CPU)
+    multi_cpu = world_size() > 1 and not torch.cuda.is_available()
+    kwargs = dict(cpu=config.cpu or multi_cpu, mixed_precision=config.mixed_precision)
     try:
         return Accelerator(**kwargs)
     except ValueError as exc:
@@ -496,6 +499,16 @@ def _make_accelerator(config: TrainConfig) -> Any:
             raise ConfigError(f"cannot set up accelerate: {exc}") from None
         AcceleratorState._reset_state()
         return Accelerator(**kwargs)
+
+
+def world_size() -> int:
+    """Number of processes of this launch (torchrun / accelerate set ``WORLD_SIZE``)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    """True on the process that writes artifacts (global rank 0, or the only process)."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _select_trainable(model: nn.Module, trainable: Iterable[Any] | None) -> dict[str, bool]:

@@ -25,7 +25,7 @@ import torch
 
 from ..data.dataset import split_mask
 from ..delta import NEW, Delta, from_states
-from ..engine import CrossEntropy, TrainConfig, evaluate, train
+from ..engine import CrossEntropy, TrainConfig, evaluate, is_main_process, train
 from ._common import Fitted, Pairs, TuneResult, fit_and_evaluate, make_collate, plot_curve
 from .registry import DEFAULTS, METHODS, check_method, split_config
 
@@ -90,7 +90,7 @@ def tune(model, train_data, test_data=None, *, method: str = "linear", config: d
     delta = fitted.delta
     delta.meta.update({"method": method, "classes": list(train_data.classes), "options": options,
                        "config": cfg.__dict__ | {}})
-    if out_dir:
+    if out_dir and is_main_process():  # under torchrun every rank holds the same result; one writes
         from ..io import write_json
 
         delta.save(out_dir / "delta")

@@ -54,6 +54,7 @@ import torch
 from torch import nn
 
 from ..delta import NEW, Delta, from_states
+from ..engine import is_main_process
 from ..errors import ConfigError
 from ..zoo.base import Classifier, pool
 from ._common import Fitted, count_trainable, fit_and_evaluate, require_text_hf
@@ -339,7 +340,7 @@ def run(model, fit, val, test, *, n_classes, method, options, cfg, out_dir, resu
         warnings.filterwarnings("ignore", message=".*(past_key_values|Position ids|Token type ids).*")
         result, test_metrics = fit_and_evaluate(pm, model, fit, val, test, cfg, out_dir, resume, drop=drop)
     delta = delta_of(pm, base_state, method, model.name)
-    if out_dir is not None:
+    if out_dir is not None and is_main_process():
         save(pm, Path(out_dir) / PEFT_DIR, model=model, n_classes=n_classes, method=method)
     return Fitted(delta, result.metrics, result.history, test_metrics, trainable, pm,
                   {"added_params": added, "head_params": head_params})
