@@ -10,7 +10,7 @@
    - ``seed-only``            — a target LoRA trained with cross-entropy on the seeds alone;
    - ``target-full-data``     — reference: a target LoRA trained on the whole real training split.
 
-    .venv/bin/python benchmarks/tune_translora.py            # ~6-8 min on 2 busy CPU cores
+    .venv/bin/python benchmarks/tune_translora.py            # ~10 min on 2 busy CPU cores
     .venv/bin/python benchmarks/tune_translora.py --quick    # smoke run
 
 Writes benchmarks/results/tune_translora.json and .md (one row per variant, with the exact command).
@@ -29,15 +29,16 @@ from pathlib import Path
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default="vader:movies")
-    ap.add_argument("--per-class", type=int, default=400)
+    ap.add_argument("--per-class", type=int, default=150)
     ap.add_argument("--source", default="all-minilm-l6-v2")
     ap.add_argument("--target", default="paraphrase-minilm-l3-v2")
     ap.add_argument("--max-length", type=int, default=48)
     ap.add_argument("--n-seed", type=int, default=5, help="labelled seed examples per class")
-    ap.add_argument("--n-synthetic", type=int, default=300)
+    ap.add_argument("--n-synthetic", type=int, default=150)
     ap.add_argument("--source-epochs", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=4, help="distillation epochs")
     ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--disc-epochs", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-full-data", action="store_true", help="skip the target-full-data reference")
     ap.add_argument("--quick", action="store_true")
@@ -76,7 +77,7 @@ def main() -> None:
         row("source LoRA (teacher)", args.source, res.metrics, time.perf_counter() - t0, data="full train split")
 
         tl = {**lora, "source_model": args.source, "source_lora": str(src_dir), "n_seed": args.n_seed,
-              "n_synthetic": args.n_synthetic, "epochs": args.epochs}
+              "n_synthetic": args.n_synthetic, "epochs": args.epochs, "disc_epochs": args.disc_epochs}
         keys = ("n_seed", "n_pool", "n_kept", "disc_train_accuracy", "disc_seed_p_real", "pool_p_real",
                 "kept_p_real", "passed_0.5", "teacher_seed_accuracy", "test_agreement")
         for name, extra in (("translora", {}), ("translora-nofilter", {"filter": False})):
@@ -112,9 +113,9 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     name = "tune_translora" + ("_quick" if args.quick else "")
     (out / f"{name}.json").write_text(json.dumps(doc, indent=2) + "\n")
-    lines = [f"# tune_translora: {args.source} LoRA → {args.target} on {args.data} "
+    lines = [(f"# tune_translora: {args.source} LoRA → {args.target} on {args.data} "
              f"({args.per_class}/class, {len(train)} train / {len(test)} test, majority {majority:.3f}, "
-             f"max_length {args.max_length}, seed {args.seed})", "",
+             f"max_length {args.max_length}, seed {args.seed})"), "",
              f"Command: `{cmd.strip()}`", "",
              "| variant | model | data used | test acc | trainable | seconds |", "|---|---|---|---|---|---|"]
     for r in rows:

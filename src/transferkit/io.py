@@ -31,9 +31,15 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     target = tmp / path.name
     try:
         yield target
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        os.replace(target, path)
+        for attempt in range(3):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            try:
+                os.replace(target, path)
+                break
+            except OSError:  # a concurrent writer (another rank) placed its copy in between
+                if attempt == 2:
+                    raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

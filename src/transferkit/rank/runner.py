@@ -314,6 +314,8 @@ def agreement(scores_by_metric: dict[str, dict[str, float]]) -> dict[str, Any]:
 
 def evaluation(scores_by_metric: dict[str, dict[str, float]], measured: dict[str, float], notes: list[str]) -> dict:
     """τ_w, Kendall τ, Pearson, Spearman, rel@1/@3, regret and the pick of each metric vs ``measured``."""
+    import warnings
+
     from .evaluate import evaluate_scores
 
     out = {}
@@ -322,7 +324,9 @@ def evaluation(scores_by_metric: dict[str, dict[str, float]], measured: dict[str
         if len(common) < 2:
             notes.append(f"{k}: not evaluated (scored {len(common)} candidate(s); need 2)")
             continue
-        ev = evaluate_scores(common, {m: measured[m] for m in common}, ks=(1, 3))
+        with warnings.catch_warnings():  # constant scores or accuracies: correlations are undefined (None)
+            warnings.simplefilter("ignore")
+            ev = evaluate_scores(common, {m: measured[m] for m in common}, ks=(1, 3))
         out[k] = {key: (None if isinstance(v, float) and not math.isfinite(v) else v) for key, v in ev.items()}
         out[k]["n"] = len(common)
     return out

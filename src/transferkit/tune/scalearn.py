@@ -71,9 +71,23 @@ from ..zoo.base import Classifier
 from ._common import Fitted, count_trainable, fit_and_evaluate, require_text_hf
 from .adapters import BottleneckAdapter, encoder_layers
 
-__all__ = ["VARIANTS", "Composer", "CompositionSite", "load_sources", "compose", "composed_classifier",
-           "expected_params", "rebuild", "run", "SharedSite", "MultiTaskClassifier", "MultiTaskCE",
-           "train_shared", "SharedResult", "run_shared"]
+__all__ = [
+    "VARIANTS",
+    "Composer",
+    "CompositionSite",
+    "MultiTaskCE",
+    "MultiTaskClassifier",
+    "SharedResult",
+    "SharedSite",
+    "compose",
+    "composed_classifier",
+    "expected_params",
+    "load_sources",
+    "rebuild",
+    "run",
+    "run_shared",
+    "train_shared",
+]
 
 # variant -> (kind, uniform, shared across sites)
 VARIANTS: dict[str, tuple[str, bool, bool]] = {
@@ -287,7 +301,7 @@ def compose(hf: nn.Module, sources: list[dict[str, Any]], variant: str = "scalea
     for s in sources:
         extra = set(s["sites"]) - known
         if extra:
-            raise ConfigError(f"source {s['name']} has adapters at {sorted(extra)[0]!r}, which is not a site of "
+            raise ConfigError(f"source {s['name']} has adapters at {min(extra)!r}, which is not a site of "
                               f"this model (was it trained on another base?)")
         missing = [owner for owner, *_ in used if owner not in s["sites"]]
         if missing:
@@ -368,7 +382,7 @@ def run(model, fit, val, test, *, n_classes, method, options, cfg, out_dir, resu
     if VARIANTS[method][0] == "fusion" and kw.get("anneal_steps") is None:
         n = len(fit.y)
         kw["anneal_steps"] = cfg.max_steps or cfg.epochs * max(1, math.ceil(n / (cfg.batch_size * cfg.grad_accum)))
-    clf, names, srcs = composed_classifier(model, n_classes, options.get("sources"), method, seed=cfg.seed, **kw)
+    clf, _, srcs = composed_classifier(model, n_classes, options.get("sources"), method, seed=cfg.seed, **kw)
     trainable = count_trainable(clf)
     result, test_metrics = fit_and_evaluate(clf, model, fit, val, test, cfg, out_dir, resume)
     state = clf.state_dict()
@@ -538,18 +552,19 @@ def train_shared(model, tasks: dict[str, tuple[Any, Any]], *, share: str = "all"
     hf = backbone.model
     dim = int(hf.config.hidden_size)
     sites = []
-    torch.manual_seed(cfg.seed)
-    for _, layer_sites in encoder_layers(hf):
-        for where in ("attn", "ffn"):
-            if position not in (where, "both"):
-                continue
-            x_module, owner = layer_sites[where]
-            site = SharedSite(dim, bottleneck, len(names), share, mode, scale, dropout)
-            owner.add_module("shared_adapter", site)
-            if mode == "parallel":
-                x_module.register_forward_pre_hook(site._capture, with_kwargs=True)
-            owner.dropout.register_forward_hook(site._inject)
-            sites.append(site)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        for _, layer_sites in encoder_layers(hf):
+            for where in ("attn", "ffn"):
+                if position not in (where, "both"):
+                    continue
+                x_module, owner = layer_sites[where]
+                site = SharedSite(dim, bottleneck, len(names), share, mode, scale, dropout)
+                owner.add_module("shared_adapter", site)
+                if mode == "parallel":
+                    x_module.register_forward_pre_hook(site._capture, with_kwargs=True)
+                owner.dropout.register_forward_hook(site._inject)
+                sites.append(site)
     mtc = MultiTaskClassifier(backbone, model.feature_dim, [len(tasks[n][0].classes) for n in names], sites, cfg.seed)
     items = [(text, int(y), t) for t, n in enumerate(names)
              for text, y in zip(_prompt(n, tasks[n][0].X, task_prompts), tasks[n][0].y)]

@@ -46,9 +46,10 @@ CLI (target base = ``--model``; the source LoRA is a ``--method lora`` run folde
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -56,10 +57,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from ._common import Fitted, count_trainable, make_collate, Pairs
+from ._common import Fitted, Pairs, count_trainable, make_collate
 
-__all__ = ["AUGMENT_OPS", "augment", "Discriminator", "select", "KDObjective", "kd_loss", "predict_logits",
-           "load_teacher", "trans_lora", "TransLoRAResult", "run"]
+__all__ = [
+    "AUGMENT_OPS",
+    "Discriminator",
+    "KDObjective",
+    "TransLoRAResult",
+    "augment",
+    "kd_loss",
+    "load_teacher",
+    "predict_logits",
+    "run",
+    "select",
+    "trans_lora",
+]
 
 AUGMENT_OPS = ("dropout", "swap", "recombine", "insert", "crop")
 
@@ -188,12 +200,12 @@ class Discriminator:
         if kind not in ("lora", "probe"):
             raise ConfigError(f"translora option discriminator must be 'lora' or 'probe', got {kind!r}")
         self.model, self.kind, self.r, self.epochs = model, kind, int(r), int(epochs)
-        self.lr = float(lr) if lr is not None else (1e-3 if kind == "lora" else 1e-2)
+        self.lr = float(lr) if lr is not None else (5e-3 if kind == "lora" else 1e-2)
         self.batch_size, self.seed = int(batch_size), int(seed)
         self.module: nn.Module | None = None
         self.train_accuracy: float | None = None
 
-    def fit(self, real: Sequence[str], fake: Sequence[str]) -> "Discriminator":
+    def fit(self, real: Sequence[str], fake: Sequence[str]) -> Discriminator:
         from ..engine import CrossEntropy, TrainConfig, evaluate, train
 
         if not real or not fake:
@@ -207,14 +219,18 @@ class Discriminator:
         if self.kind == "lora":
             from .peft_methods import wrap
 
-            module, _ = wrap(self.model, 2, "lora", _lora_options({"r": self.r, "alpha": 2 * self.r, "dropout": 0.0}),
-                             seed=self.seed)
+            with torch.random.fork_rng(devices=[]):  # LoRA init independent of the caller's RNG state
+                torch.manual_seed(self.seed)
+                module, _ = wrap(self.model, 2, "lora", _lora_options({"r": self.r, "alpha": 2 * self.r,
+                                                                       "dropout": 0.0}), seed=self.seed)
             collate = make_collate(self.model.preprocess)
             data = Pairs(np.array(texts, dtype=object), y)
         else:
             feats = self._features(texts)
-            module = nn.Linear(feats.shape[1], 2)
-            collate = lambda items: {"inputs": torch.stack([x for x, _ in items]),  # noqa: E731
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.seed)
+                module = nn.Linear(feats.shape[1], 2)
+            collate = lambda items: {"inputs": torch.stack([x for x, _ in items]),
                                      "labels": torch.tensor([t for _, t in items], dtype=torch.long)}
             data = Pairs(feats, y)
         train(module, data, CrossEntropy(class_weight=weight), cfg, collate_fn=collate)
@@ -377,7 +393,7 @@ def trans_lora(teacher: nn.Module, teacher_preprocess: Callable[[Any], Any], tar
     if not seed_texts:
         raise ConfigError("translora needs at least one seed example")
     n_syn = int(n_synthetic)
-    pool = augment(seed_texts, int(math.ceil(n_syn * float(pool_factor))), ops=augment_ops, max_ops=max_ops,
+    pool = augment(seed_texts, math.ceil(n_syn * float(pool_factor)), ops=augment_ops, max_ops=max_ops,
                    seed=cfg.seed + 1)
     metrics: dict[str, Any] = {"n_seed": len(seed_texts), "n_pool": len(pool), "filter": bool(filter)}
     scores = None
@@ -414,7 +430,9 @@ def trans_lora(teacher: nn.Module, teacher_preprocess: Callable[[Any], Any], tar
                 "labels": torch.tensor([it[1] for it in items], dtype=torch.long),
                 "teacher_logits": torch.stack([it[2] for it in items])}
 
-    pm, base_state = wrap(target, int(n_classes), "lora", _lora_options(lora or {}), seed=cfg.seed)
+    with torch.random.fork_rng(devices=[]):  # LoRA init independent of the caller's RNG state
+        torch.manual_seed(cfg.seed)
+        pm, base_state = wrap(target, int(n_classes), "lora", _lora_options(lora or {}), seed=cfg.seed)
     trainable = count_trainable(pm)
     result = train(pm, _Rows(rows), KDObjective(temperature, hard_weight), cfg, collate_fn=collate,
                    out_dir=out_dir, resume=resume)
