@@ -8,33 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
-from transferkit.cli import app
-
-runner = CliRunner()
+from _cli import bad as _bad
+from _cli import ok as _ok
 
 
 @pytest.fixture(autouse=True)
 def _cache(tmp_path, monkeypatch):
     monkeypatch.setenv("TRANSFERKIT_CACHE", str(tmp_path / "cache"))
-
-
-def _ok(args):
-    res = runner.invoke(app, args)
-    assert res.exit_code == 0, res.output + str(res.exception)
-    return res
-
-
-def _bad(args, match):
-    res = runner.invoke(app, args)
-    assert res.exit_code == 2, res.output
-    lines = res.stderr.strip().splitlines()  # progress lines may come first; the error is the last line
-    err = lines[-1]
-    assert err.startswith("error: ") and sum(ln.startswith("error:") for ln in lines) == 1, res.stderr
-    assert "Traceback" not in res.stderr
-    assert match in err, err
-    return err
 
 
 def test_help_shows_examples():

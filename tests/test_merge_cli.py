@@ -6,35 +6,16 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from typer.testing import CliRunner
 
-from transferkit.cli import app
+from _cli import bad as _bad
+from _cli import ok as _ok
 from transferkit.delta import NEW, Delta, from_states
 from transferkit.merge import average, dare_merge, task_arithmetic, ties
 from transferkit.merge.command import value_for
 
-runner = CliRunner()
-
-
 @pytest.fixture(autouse=True)
 def _cache(tmp_path, monkeypatch):
     monkeypatch.setenv("TRANSFERKIT_CACHE", str(tmp_path / "cache"))
-
-
-def _ok(args):
-    res = runner.invoke(app, args)
-    assert res.exit_code == 0, res.output + str(res.exception)
-    return res
-
-
-def _bad(args, match):
-    res = runner.invoke(app, args)
-    assert res.exit_code == 2, res.output
-    lines = res.stderr.strip().splitlines()
-    assert lines[-1].startswith("error: ") and sum(ln.startswith("error:") for ln in lines) == 1, res.stderr
-    assert "Traceback" not in res.stderr
-    assert match in lines[-1], lines[-1]
-    return lines[-1]
 
 
 @pytest.fixture(scope="module")
