@@ -19,7 +19,8 @@ def _cache(tmp_path, monkeypatch):
 
 
 def test_help_shows_examples():
-    for cmd in (["--help"], ["rank", "--help"], ["tune", "--help"], ["features", "--help"], ["demo", "--help"]):
+    for cmd in (["--help"], ["rank", "--help"], ["tune", "--help"], ["features", "--help"], ["demo", "--help"],
+                ["run", "--help"], ["merge", "--help"], ["fetch", "--help"], ["zoo", "list", "--help"]):
         res = _ok(cmd)
         if cmd != ["--help"]:
             assert "Example:" in res.stdout
@@ -89,6 +90,7 @@ def test_bad_inputs_give_one_line_errors(tmp_path, tiny_bert_dir, sentiment_csv)
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("epochs: [1\n")
     _bad(["tune", "--data", str(sentiment_csv), "--model", m, "--config", str(cfg)], "cannot parse")
+    _bad(["run", str(tmp_path / "missing.yaml")], "pipeline file not found")
     cfg.write_text("epohcs: 3\n")
     _bad(["tune", "--data", str(sentiment_csv), "--model", m, "--config", str(cfg)], "epohcs")
 
