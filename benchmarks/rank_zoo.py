@@ -151,6 +151,7 @@ def run_target(target: str, models: dict, args, per_class: int, ft_cfg: dict, lr
     agg = aggregate_ranks({k: scores[k] for k in DEFAULT_METRICS}, list(models))
     scores["auto"] = {m: v for m, v in agg["scores"].items() if math.isfinite(v)}
     metric_s["auto"] = sum(metric_s[k] for k in DEFAULT_METRICS)
+    probs: dict[str, dict] = {"finetune": {}, "linear": {}}
     truth: dict[str, dict] = {"finetune": {}, "linear": {}}
     gt_s: dict[str, dict] = {"finetune": {}, "linear": {}}
     runs: dict[str, dict] = {"finetune": {}, "linear": {}}
@@ -160,6 +161,7 @@ def run_target(target: str, models: dict, args, per_class: int, ft_cfg: dict, lr
             res = measure(m, train, test, protocol=proto, config=ft_cfg if proto == "finetune" else None,
                           lrs=lrs if proto == "finetune" else None, seed=args.seed)
             truth[proto][name] = res["accuracy"]
+            probs[proto][name] = res["test_probs"]
             gt_s[proto][name] = res["seconds"]
             runs[proto][name] = {k: res[k] for k in ("accuracy", "oracle_accuracy", "selected", "grid", "seconds")}
             log(f"{target}: {proto:8s} {name:26s} acc {res['accuracy']:.3f} "
@@ -169,28 +171,53 @@ def run_target(target: str, models: dict, args, per_class: int, ft_cfg: dict, lr
 
     for proto in args.ground_truth:
         evals[proto] = evaluation(scores, truth[proto], notes)
+    ensembles = {}
+    if "finetune" in args.ground_truth:
+        from transferkit.rank.ensemble import ensemble_accuracy
+        from transferkit.rank.runner import _ensemble, _evaluate_ensemble
+
+        for k in (2, 3):
+            ens = _ensemble(feats, k, args.seed, notes)
+            _evaluate_ensemble(ens, probs["finetune"], test.y, k)
+            top = sorted(scores["logme"], key=lambda m: -scores["logme"][m])[:k]  # naive: the k best by LogME
+            ens["top_k_by_logme"] = {"members": top, "accuracy": ensemble_accuracy(probs["finetune"], test.y, top)}
+            ensembles[str(k)] = ens
+            log(f"{target}: ensemble k={k}: " + "; ".join(f"{m} {r['selected']} acc {r['accuracy']:.3f}"
+                                                           for m, r in ens["methods"].items())
+                + f"; best {ens['best']['members']} {ens['best']['accuracy']:.3f}")
     majority = float(max(np.mean(test.y == c) for c in range(len(test.classes))))
     return {"target": target, "n_train": len(train), "n_test": len(test), "classes": len(ds.classes),
             "majority": majority, "scores": scores, "ground_truth": truth, "ground_truth_runs": runs,
-            "evaluation": evals, "seconds": {"features": feat_s, "metrics": metric_s, "ground_truth": gt_s},
+            "evaluation": evals, "ensembles": ensembles, "seconds": {"features": feat_s, "metrics": metric_s, "ground_truth": gt_s},
             "notes": notes}
 
 
 # ------------------------------------------------------------------------------------------------ report
 def summarise(zoo: str, results: list[dict], protos: list[str]) -> dict:
+    """Per-target τ_w and the means. A metric whose scores tie across all candidates (e.g. SFDA saturating
+    at 1.0 when N < D) has an undefined τ_w: shown as None per target and counted as 0 (no information)
+    in the mean; ``undefined`` counts those targets."""
     metrics = list(results[0]["scores"])
     out = {}
     for proto in protos:
         table = {}
         for k in metrics:
-            taus = [r["evaluation"][proto].get(k, {}).get("weighted_tau") for r in results]
-            rel = [r["evaluation"][proto].get(k, {}).get("rel@1") for r in results]
-            reg = [r["evaluation"][proto].get(k, {}).get("regret") for r in results]
-            ok = [t for t in taus if t is not None]
+            evs = [r["evaluation"][proto].get(k) for r in results]
+            if all(e is None for e in evs):  # never applicable (e.g. LEEP/NCE without a source head)
+                table[k] = {"per_target": {r["target"]: None for r in results}, "mean_tau_w": None, "undefined": 0,
+                            "mean_pearson": None, "mean_rel@1": None, "mean_regret": None, "applicable": False}
+                continue
+            evs = [e or {} for e in evs]
+            taus = [e.get("weighted_tau") for e in evs]
+            rel = [e.get("rel@1") for e in evs if e.get("rel@1") is not None]
+            reg = [e.get("regret") for e in evs if e.get("regret") is not None]
+            pea = [e.get("pearson") for e in evs]
             table[k] = {"per_target": dict(zip([r["target"] for r in results], taus)),
-                        "mean_tau_w": float(np.mean(ok)) if len(ok) == len(taus) and ok else None,
-                        "mean_rel@1": float(np.mean([x for x in rel if x is not None])) if any(x is not None for x in rel) else None,
-                        "mean_regret": float(np.mean([x for x in reg if x is not None])) if any(x is not None for x in reg) else None}
+                        "mean_tau_w": float(np.mean([t if t is not None else 0.0 for t in taus])),
+                        "undefined": sum(t is None for t in taus),
+                        "mean_pearson": float(np.mean([p if p is not None else 0.0 for p in pea])),
+                        "mean_rel@1": float(np.mean(rel)) if rel else None,
+                        "mean_regret": float(np.mean(reg)) if reg else None, "applicable": True}
         out[proto] = table
     return out
 
@@ -202,7 +229,9 @@ def fmt(v, nd=3) -> str:
 def markdown(doc: dict) -> str:
     lines = ["# rank_zoo: transferability metrics vs measured transfer on real zoos", "",
              f"Command: `{doc['command']}`", "",
-             f"Machine: {doc['machine']}. Total wall time {doc['seconds_total']:.0f} s.", ""]
+             f"Machine: {doc['machine']}. Wall time of this run {doc['seconds_total']:.0f} s"
+             + (f" (ground truth and features from the cache; the cold run took {doc['seconds_cold_run']:.0f} s)"
+                if doc.get("seconds_cold_run") else "") + ".", ""]
     for zoo, z in doc["zoos"].items():
         lines += [f"## {zoo} zoo", "", "Models: " + ", ".join(z["models"]), ""]
         for r in z["targets"]:
@@ -211,17 +240,45 @@ def markdown(doc: dict) -> str:
                          "; ".join(f"{m} {fmt(r['ground_truth']['finetune'].get(m))} | {fmt(r['ground_truth']['linear'].get(m))}"
                                    for m in z["models"]))
         lines.append("")
+        lines.append("Noise floor of the ground truth (binomial standard error of one test accuracy vs the spread of the "
+                     "measured accuracies over the zoo):")
+        for r in z["targets"]:
+            for proto in doc["ground_truth"]:
+                acc = np.array(list(r["ground_truth"][proto].values()))
+                se = float(np.sqrt(acc.mean() * (1 - acc.mean()) / r["n_test"]))
+                lines.append(f"- {r['target']} / {proto}: spread {acc.max() - acc.min():.3f}, std {acc.std():.3f}, "
+                             f"SE of one accuracy ≈ {se:.3f}")
+        lines.append("")
         for proto in doc["ground_truth"]:
             s = z["summary"][proto]
             targets = [r["target"] for r in z["targets"]]
             lines += [f"### τ_w against {'fine-tuning' if proto == 'finetune' else 'linear-probe'} accuracy", "",
-                      "| metric | " + " | ".join(targets) + " | mean τ_w | mean rel@1 | mean regret |",
-                      "|---|" + "---|" * (len(targets) + 3)]
+                      "| metric | " + " | ".join(targets) + " | mean τ_w | mean Pearson | mean rel@1 | mean regret |",
+                      "|---|" + "---|" * (len(targets) + 4)]
             order = sorted(s, key=lambda k: -(s[k]["mean_tau_w"] if s[k]["mean_tau_w"] is not None else -9))
             for k in order:
+                if not s[k].get("applicable", True):
+                    lines.append(f"| {k} | " + " | ".join("n/a" for _ in targets) + " | n/a | n/a | n/a | n/a |")
+                    continue
                 lines.append(f"| {k} | " + " | ".join(fmt(s[k]["per_target"][t]) for t in targets) +
-                             f" | **{fmt(s[k]['mean_tau_w'])}** | {fmt(s[k]['mean_rel@1'])} | {fmt(s[k]['mean_regret'])} |")
-            lines.append("")
+                             f" | **{fmt(s[k]['mean_tau_w'])}** | {fmt(s[k]['mean_pearson'])} | {fmt(s[k]['mean_rel@1'])} | "
+                             f"{fmt(s[k]['mean_regret'])} |")
+            lines += ["", "— = undefined (the metric gave every candidate the same score), counted as 0 in the mean; "
+                      "n/a = not applicable to this zoo (needs a source head).", ""]
+    for zoo, z in doc["zoos"].items():
+        rows = []
+        for r in z["targets"]:
+            for k, ens in (r.get("ensembles") or {}).items():
+                picks = {f"{m} (greedy)": v for m, v in ens["methods"].items()}
+                picks["top-k by LogME"] = ens["top_k_by_logme"]
+                picks["top-k by measured accuracy (oracle)"] = ens["top_k_by_accuracy"]
+                for name, v in picks.items():
+                    rows.append(f"| {r['target']} | {k} | {name} | {', '.join(v['members'] if 'members' in v else v['selected'])} | "
+                                f"{v['accuracy']:.3f} | {ens['best']['accuracy']:.3f} | {ens['mean_subset_accuracy']:.3f} |")
+        if rows:
+            lines += [f"## Ensemble selection, {zoo} zoo (measured: averaged probabilities of the fine-tuned members)", "",
+                      "| target | k | selection | members | measured acc | best k-subset | mean k-subset |",
+                      "|---|---|---|---|---|---|---|", *rows, ""]
     lines += ["## Notes", ""] + [f"- {n}" for n in doc.get("notes", [])]
     return "\n".join(lines) + "\n"
 
@@ -245,7 +302,19 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="smoke run: 2 targets per zoo, fewer samples, 1 epoch")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--report-only", action="store_true", help="re-summarise an existing rank_zoo.json, no compute")
     args = ap.parse_args()
+    if args.report_only:
+        from transferkit.io import write_json, write_text
+
+        doc = json.loads((args.out / "rank_zoo.json").read_text())
+        for z in doc["zoos"].values():
+            z["summary"] = summarise("", z["targets"], doc["ground_truth"])
+        doc["notes"] = sorted({n for z in doc["zoos"].values() for r in z["targets"] for n in r["notes"]})
+        write_json(args.out / "rank_zoo.json", doc)
+        write_text(args.out / "rank_zoo.md", markdown(doc))
+        print(markdown(doc))
+        return
     if args.quick:
         args.image_targets = ",".join(args.image_targets.split(",")[:2])
         args.text_targets = ",".join(args.text_targets.split(",")[:2])

@@ -8,7 +8,14 @@ import pytest
 
 from transferkit.errors import ConfigError, DataError, ModelError
 from transferkit.rank import groundtruth as gt
-from transferkit.rank.runner import agreement, auto_layers, evaluation, parse_metrics, rank_models, resolve_layers
+from transferkit.rank.runner import (
+    agreement,
+    auto_layers,
+    evaluation,
+    parse_metrics,
+    rank_models,
+    resolve_layers,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -114,8 +121,8 @@ def test_ground_truth_is_cached_on_disk(tiny_bert_dir, sentiment_csv, monkeypatc
 
 
 def test_finetune_ground_truth_uses_tune_full_and_caches(tiny_bert_dir, sentiment_csv, monkeypatch):
-    from transferkit.data import load_dataset, train_test_split
     import transferkit.tune as tune_pkg
+    from transferkit.data import load_dataset, train_test_split
 
     train, test = train_test_split(load_dataset(sentiment_csv), test_size=0.3, seed=0)
     calls = []

@@ -31,7 +31,7 @@ import numpy as np
 
 from ..errors import ConfigError, DataError
 
-__all__ = ["PROTOCOLS", "FINETUNE_LRS", "LINEAR_CS", "measure", "gt_cache_dir", "cache_key"]
+__all__ = ["FINETUNE_LRS", "LINEAR_CS", "PROTOCOLS", "cache_key", "gt_cache_dir", "measure"]
 
 PROTOCOLS = ("linear", "finetune")
 VERSION = 1
