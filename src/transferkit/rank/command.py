@@ -57,8 +57,7 @@ def rank(
         raise TransferkitError("--layers needs at least one layer name, or 'auto'")
     result = rank_models(data, names, metrics, limit=limit, per_class=per_class, seed=seed, out_dir=out,
                          layers=layers, ensemble=ensemble, ground_truth=gt, test_size=test_size,
-                         gt_config={"epochs": epochs} if epochs is not None else None, gt_lrs=grid,
-                         progress=not as_json)
+                         gt_config={"epochs": epochs} if epochs is not None else None, gt_lrs=grid)
     emit(result, as_json, render_rank)
     if out and not as_json:
         typer.echo(f"wrote {out / 'ranking.json'} and {out / 'ranking.csv'}")

@@ -52,7 +52,7 @@ METHODS: dict[str, MethodInfo] = {
                "peft", _ANY,
                {"r": 8, "alpha": 16, "dropout": 0.05, "target_modules": None, "use_rslora": False,
                 "use_dora": False, "bias": "none"},
-               {**_PEFT_TRAIN, "lr": 5e-4}),
+               {**_PEFT_TRAIN, "lr": 2e-3}),
     "ia3": _m("IA3 via HF PEFT: learned vectors rescale keys, values and the FFN activation (+ new head).",
               "Liu et al. Few-Shot Parameter-Efficient Fine-Tuning is Better and Cheaper than In-Context "
               "Learning, NeurIPS 2022 (arXiv:2205.05638)", "peft", _ANY,
@@ -72,7 +72,7 @@ METHODS: dict[str, MethodInfo] = {
                  "Ben Zaken, Ravfogel, Goldberg. BitFit: Simple Parameter-efficient Fine-tuning for "
                  "Transformer-based Masked Language-models, ACL 2022 (arXiv:2106.10199)", "native", _ANY,
                  {"bias_terms": "all"},
-                 {**_PEFT_TRAIN, "lr": 1e-3, "weight_decay": 0.0}),
+                 {**_PEFT_TRAIN, "lr": 5e-3, "weight_decay": 0.0}),
     "adapter": _m("Sequential bottleneck adapter h ← h + f(h W_down) W_up after the FFN (Pfeiffer) or both "
                   "sublayers (Houlsby, position='both').",
                   "Houlsby et al. Parameter-Efficient Transfer Learning for NLP, ICML 2019 (arXiv:1902.00751); "
