@@ -120,7 +120,8 @@ def child_run(args: dict, cache: Path, fresh: bool) -> dict:
         if row.get("args") == args:
             return row | {"cached": True}
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(args)], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(args)], capture_output=True, text=True,
+                          check=False)
     if proc.returncode != 0:
         err = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"
         print(f"  failed: {proc.stderr[-1500:]}", file=sys.stderr)
@@ -173,7 +174,8 @@ def targets(per_task: dict[str, dict[str, dict]]) -> list[dict]:
                 mem = s["train_mb"] / max(lora["train_mb"], 1e-9)
                 pk = s["peak_mb"] / lora["peak_mb"]
                 dpp = 100 * (s["test_accuracy"] - lora["test_accuracy"])
-                out.append({"task": task, "target": f"{side}: training memory ≤ 50 % of LoRA's at acc ≥ LoRA − 2 pp",
+                out.append({"task": task,
+                            "target": f"{side}: training memory ≤ 50 % of LoRA's at acc ≥ LoRA − 2 pp",
                             "value": f"train +MB {100 * mem:.0f} % of LoRA's (process peak {100 * pk:.0f} %), "
                                      f"acc {dpp:+.1f} pp", "met": bool(mem <= 0.5 and dpp >= -2.0),
                             "train_mem_ratio": round(mem, 3), "peak_ratio": round(pk, 3), "acc_pp": round(dpp, 1)})
@@ -182,7 +184,7 @@ def targets(per_task: dict[str, dict[str, dict]]) -> list[dict]:
 
 def main(argv: list[str] | None = None, *, name: str = "tune_text", model: str = "all-minilm-l6-v2",
          tasks: str = "vader:movies,spamassassin,finefood",
-         methods: str = "linear,full,lora,bitfit,scaled-parallel-adapter,sherl",
+         methods: str = "linear,full,lora,bitfit,scaled-parallel-adapter,ia3,sherl,unipt",
          per_class: int = 60, test_size: float = 0.4, epochs: int = 3, size_opt: str = "max_length", size: int = 32,
          config: dict | None = None, seeds: str = "0,1,2", doc: str | None = None, notes: str = "",
          mem_task: str = "spamassassin", mem_methods: str = "lora,full,sherl,unipt", mem_batch: int = 32,
@@ -343,5 +345,14 @@ def main(argv: list[str] | None = None, *, name: str = "tune_text", model: str =
     print("\n".join(lines))
 
 
+NOTES = (
+    "Reading the numbers: each task's test set has 24–48 examples, so one example is 2–4 pp and the seed std is "
+    "2–10 pp; differences of a few pp between methods are within noise. Training is short (3 epochs, ~27 "
+    "updates at batch 8), which favours methods with large effective step sizes; full fine-tuning keeps its "
+    "standard 5e-5. 'trainable' for full fine-tuning counts the tensors its Delta changed (the unused BERT "
+    "pooler is not among them, hence 99.35 %). The side-network memory target is checked twice: on the small "
+    "accuracy runs, where fixed costs dominate, and at batch 32 × 128 tokens (the memory-at-scale table), with "
+    "the accuracy difference taken from the accuracy runs.")
+
 if __name__ == "__main__":
-    main()
+    main(notes=NOTES)

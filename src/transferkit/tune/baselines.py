@@ -164,5 +164,6 @@ def _run_full(model, fit, val, test, *, n_classes, cfg, out_dir, resume, **_) ->
     tuned.update({"head." + k: v for k, v in clf.head.state_dict().items()})
     delta = from_states(base_state, tuned, base_name=model.name)
     head = sum(p.numel() for p in clf.head.parameters())
-    return Fitted(delta, result.metrics, result.history, test_metrics, delta.n_params(), clf,
+    trainable = sum(p.numel() for p in clf.parameters())  # not the Delta's size: BN running stats change too
+    return Fitted(delta, result.metrics, result.history, test_metrics, trainable, clf,
                   {"added_params": head, "head_params": head})
