@@ -193,7 +193,7 @@ def _render_summary(summary: dict) -> None:
         chosen = ((summary.get("tune") or {}).get("chosen") or {}).get(name)
         if chosen:
             typer.echo(f"{name}: tuned {chosen.get('model')} with {summary['tune']['method']}: "
-                       f"test accuracy {chosen.get('test_accuracy')}, trainable {chosen.get('trainable_params')}")
+                       f"test accuracy {chosen.get('accuracy')}, trainable parameters {chosen.get('trainable_params')}")
     typer.echo(f"report: {summary.get('report')}")
 
 
