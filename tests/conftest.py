@@ -36,3 +36,14 @@ def sentiment_csv(tmp_path_factory):
     path = tmp_path_factory.mktemp("text") / "sentiment.csv"
     path.write_text("\n".join(rows) + "\n")
     return path
+
+
+@pytest.fixture
+def one_thread():
+    """Pin torch to one intra-op thread for the test (shared CPUs: more threads only oversubscribe)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

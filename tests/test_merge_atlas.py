@@ -10,13 +10,7 @@ from transferkit.merge import task_arithmetic
 from transferkit.merge.atlas import AnisotropicScaling, few_shot, fit_atlas
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # the CPUs are shared: intra-op threads only oversubscribe them (10x slower under load)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _mlp(seed=0):

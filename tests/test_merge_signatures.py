@@ -10,12 +10,7 @@ from transferkit.merge.signatures import (Signature, compose, dequantize_int8, p
                                           reestimate_bn, robust_signature, shallow_names)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cnn(seed=0):

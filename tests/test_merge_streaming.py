@@ -17,13 +17,7 @@ from transferkit.merge import average, dare_merge, task_arithmetic, ties
 from transferkit.merge.streaming import Checkpoint, load_merged, parse_size, stream_merge
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # the CPUs are shared: intra-op threads only oversubscribe them (10x slower under load)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _states(n_models=3, dtype=torch.float32, seed=0):

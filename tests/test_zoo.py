@@ -32,21 +32,10 @@ class TinyCNN(nn.Module):
         return self.fc(self.features(x).mean(dim=(2, 3)))
 
 
-@pytest.fixture(scope="module")
-def bert_dir(tmp_path_factory):
-    """A randomly initialised 2-layer BERT (no pooler) + a real word-piece tokenizer, as a HF directory."""
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-
-    d = tmp_path_factory.mktemp("zoo-bert")
-    words = ["good", "great", "fine", "bad", "awful", "poor", "movie", "food", "the", "was", "very", "not"]
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words
-    # transformers 5 ignores vocab_file=; the vocabulary is passed as vocab=
-    BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(d)
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=64)
-    BertModel(cfg, add_pooling_layer=False).save_pretrained(d)
-    return d
+@pytest.fixture
+def bert_dir(tiny_bert_dir):
+    """The shared tiny BERT directory (tests/conftest.py)."""
+    return tiny_bert_dir
 
 
 def _images(n=5, size=12, seed=0):

@@ -84,7 +84,8 @@ from ..errors import ConfigError, ModelError
 from ..io import atomic_path
 from ._common import _excluded, as_weights
 from .dare import LargeDeltaWarning, _generator, drop_and_rescale
-from .ties import AGGS, DEFAULT_LAM, SCOPES, TIE_BREAKS, disjoint_merge
+from .ties import check_options as check_ties_options
+from .ties import disjoint_merge
 
 METHODS = ("average", "task_arithmetic", "ties", "dare_linear", "dare_ties")
 _ALIASES = {"linear": "average", "dare": "dare_linear", "ta": "task_arithmetic"}
@@ -365,16 +366,7 @@ def stream_merge(base: str | os.PathLike, models: Sequence[str | os.PathLike], o
         params["lam"] = coefs if isinstance(lam, Sequence) else coefs[0]
     else:
         coefs = []
-        if not (isinstance(k, (int, float)) and 0 < k <= 1):
-            raise ConfigError(f"ties: k is the kept fraction in (0, 1] (20% → 0.2), got {k!r}")
-        scope = {"per-tensor": "per_tensor"}.get(scope, scope)
-        if scope not in SCOPES:
-            raise ConfigError(f"ties: scope must be one of {', '.join(SCOPES)}, got {scope!r}")
-        if agg not in AGGS:
-            raise ConfigError(f"ties: agg must be one of {', '.join(AGGS)}, got {agg!r}")
-        if tie_break not in TIE_BREAKS:
-            raise ConfigError(f"ties: tie_break must be one of {', '.join(TIE_BREAKS)}, got {tie_break!r}")
-        lam = DEFAULT_LAM[agg] if lam is None else float(lam)
+        scope, lam = check_ties_options(k, scope, agg, tie_break, lam)
         params.update(k=float(k), lam=lam, trim_scope=scope, aggregate=agg, tie_break=tie_break)
     dare = method.startswith("dare")
     if dare:

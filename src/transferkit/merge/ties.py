@@ -87,6 +87,20 @@ def disjoint_merge(trimmed: torch.Tensor, gamma: torch.Tensor, agg: str = "mean"
     return total / agree.sum(dim=0).clamp(min=1).to(total.dtype)
 
 
+
+def check_options(k: float, scope: str, agg: str, tie_break: str, lam: float | None) -> tuple[str, float]:
+    """Validate TIES options (one-line ConfigError); return the canonical scope and λ."""
+    if not (isinstance(k, (int, float)) and 0 < k <= 1):
+        raise ConfigError(f"ties: k is the kept fraction in (0, 1] (20% → 0.2), got {k!r}")
+    scope = {"per-tensor": "per_tensor"}.get(scope, scope)
+    if scope not in SCOPES:
+        raise ConfigError(f"ties: scope must be one of {', '.join(SCOPES)}, got {scope!r}")
+    if agg not in AGGS:
+        raise ConfigError(f"ties: agg must be one of {', '.join(AGGS)}, got {agg!r}")
+    if tie_break not in TIE_BREAKS:
+        raise ConfigError(f"ties: tie_break must be one of {', '.join(TIE_BREAKS)}, got {tie_break!r}")
+    return scope, (DEFAULT_LAM[agg] if lam is None else float(lam))
+
 def ties(deltas: Sequence[Delta], k: float = 0.2, lam: float | None = None, scope: str = "global",
          agg: str = "mean", *, tie_break: str = "majority", exclude: Sequence[str] = ()) -> Delta:
     """TIES-merge task vectors; see the module docstring for the algorithm and defaults.
@@ -102,16 +116,7 @@ def ties(deltas: Sequence[Delta], k: float = 0.2, lam: float | None = None, scop
     exclude : tensor names (or prefixes ending in ``.``) left out of trimming and merging.
     """
     deltas = check_deltas(deltas, "ties")
-    if not (isinstance(k, (int, float)) and 0 < k <= 1):
-        raise ConfigError(f"ties: k is the kept fraction in (0, 1] (20% → 0.2), got {k!r}")
-    scope = {"per-tensor": "per_tensor"}.get(scope, scope)
-    if scope not in SCOPES:
-        raise ConfigError(f"ties: scope must be one of {', '.join(SCOPES)}, got {scope!r}")
-    if agg not in AGGS:
-        raise ConfigError(f"ties: agg must be one of {', '.join(AGGS)}, got {agg!r}")
-    if tie_break not in TIE_BREAKS:
-        raise ConfigError(f"ties: tie_break must be one of {', '.join(TIE_BREAKS)}, got {tie_break!r}")
-    lam = DEFAULT_LAM[agg] if lam is None else float(lam)
+    scope, lam = check_options(k, scope, agg, tie_break, lam)
 
     names, bodies, meta = stack_bodies(deltas, exclude)
     T = len(deltas)
