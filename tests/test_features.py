@@ -102,3 +102,19 @@ def test_half_written_cache_entry_is_not_trusted(tmp_path):
     m.backbone.calls.clear()
     F.extract(m, ds, progress=False)
     assert m.backbone.calls
+
+
+def test_retrained_model_under_the_same_name_misses_the_cache():
+    m, ds = _model(), _data()
+    del m.meta["fingerprint"]  # not a catalogue model: the weights themselves are the identity
+    F.extract(m, ds, progress=False)
+    again = _model()
+    del again.meta["fingerprint"]
+    again.backbone.calls.clear()
+    F.extract(again, ds, progress=False)
+    assert again.backbone.calls == [], "same weights, same name: cache hit"
+    with torch.no_grad():
+        again.backbone.fc.bias.add_(1.0)
+    retrained = ZooModel("toy-cnn", "image", again.backbone, again.head, 6, again.preprocess, {"size": 8})
+    F.extract(retrained, ds, progress=False)
+    assert again.backbone.calls, "changed weights under the same name must miss the cache"

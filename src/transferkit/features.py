@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from .errors import DataError
 
@@ -74,10 +75,27 @@ class Features:
         )
 
 
+def model_fingerprint(model: Any) -> str:
+    """Identity of a model's weights: catalogue name + verified package for catalogue models, else
+    the name plus a sha256 of every backbone and head tensor (computed once per loaded model, so a
+    re-trained model saved under the same name misses the cache)."""
+    if "fingerprint" not in model.meta:
+        if "catalogue" in model.meta:
+            model.meta["fingerprint"] = f"{model.meta['catalogue']}@{model.meta.get('source')}"
+        else:
+            h = hashlib.sha256()
+            for part in (model.backbone, model.head):
+                for name, t in ({} if part is None else part.state_dict()).items():
+                    h.update(name.encode())
+                    h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            model.meta["fingerprint"] = f"{model.name}@sha256:{h.hexdigest()[:32]}"
+    return model.meta["fingerprint"]
+
+
 def fingerprint(model: Any, data: Any, tap: str) -> dict[str, Any]:
     """The cache key of (model, tap, preprocessing, data) as a JSON-able dict."""
     return {
-        "model": model.meta.get("fingerprint", model.name),
+        "model": model_fingerprint(model),
         "tap": tap,
         "preprocessing": model.preprocessing,
         "data": data.fingerprint(),
