@@ -16,20 +16,6 @@ def _cache(tmp_path, monkeypatch):
     monkeypatch.setenv("TRANSFERKIT_CACHE", str(tmp_path / "cache"))
 
 
-@pytest.fixture(scope="module")
-def other_bert_dir(tiny_bert_dir, tmp_path_factory):
-    import torch
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-
-    d = tmp_path_factory.mktemp("other-bert-cli")
-    BertTokenizerFast.from_pretrained(tiny_bert_dir).save_pretrained(d)
-    torch.manual_seed(2)
-    cfg = BertConfig(vocab_size=17, hidden_size=40, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                     max_position_embeddings=64)
-    BertModel(cfg, add_pooling_layer=False).save_pretrained(d)
-    return d
-
-
 def _ok(args):
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output + str(res.exception)

@@ -23,21 +23,6 @@ def _cache(tmp_path, monkeypatch):
     monkeypatch.setenv("TRANSFERKIT_CACHE", str(tmp_path / "cache"))
 
 
-@pytest.fixture(scope="module")
-def other_bert_dir(tiny_bert_dir, tmp_path_factory):
-    """A second, different tiny BERT (1 layer, 48-d) with the same tokenizer."""
-    import torch
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-
-    d = tmp_path_factory.mktemp("other-bert")
-    BertTokenizerFast.from_pretrained(tiny_bert_dir).save_pretrained(d)
-    torch.manual_seed(1)
-    cfg = BertConfig(vocab_size=17, hidden_size=48, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                     max_position_embeddings=64)
-    BertModel(cfg, add_pooling_layer=False).save_pretrained(d)
-    return d
-
-
 def test_parse_metrics_expands_all_auto_and_set_level():
     from transferkit.rank import METRICS
     from transferkit.rank.auto import DEFAULT_METRICS

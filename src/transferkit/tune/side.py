@@ -73,8 +73,8 @@ from torch import nn
 
 from ..delta import NEW, Delta, apply
 from ..errors import ConfigError
-from ..zoo.base import MeanPooledEncoder
-from ._common import Fitted, Pairs, count_trainable, fit_and_evaluate, make_collate
+from ..zoo.base import MeanPooledEncoder, new_head
+from ._common import Fitted, count_trainable, fit_and_evaluate, make_collate
 
 __all__ = ["UniPT", "SHERL", "R2Aggregator", "SideClassifier", "LayerTaps", "side_spec", "side_classifier",
            "rebuild", "param_count", "run", "SIDE_METHODS"]
@@ -309,12 +309,7 @@ class SideClassifier(nn.Module):
                  late: bool = False):
         super().__init__()
         self.taps, self.side, self.use_late = taps, side, bool(late)
-        gen = torch.Generator().manual_seed(seed)
-        self.head = nn.Linear(out_dim, n_classes)
-        with torch.no_grad():
-            bound = 1.0 / out_dim**0.5
-            self.head.weight.uniform_(-bound, bound, generator=gen)
-            self.head.bias.zero_()
+        self.head = new_head(out_dim, n_classes, seed)
         for p in self.taps.parameters():
             p.requires_grad_(False)
 
@@ -427,7 +422,7 @@ def side_spec(model, method: str, options: dict[str, Any]) -> dict[str, Any]:
 def side_classifier(model, spec: dict[str, Any], n_classes: int, seed: int = 0) -> SideClassifier:
     """A SideClassifier over a frozen copy of ``model``'s backbone, built from ``spec``."""
     backbone = copy.deepcopy(model.backbone)
-    method, r, late_layers = spec["method"], spec["r"], spec.get("late_layers", 0)
+    late_layers = spec.get("late_layers", 0)
     L = None
     if spec["layers"] is not None:
         L = int(backbone.model.config.num_hidden_layers)

@@ -45,7 +45,7 @@ from ..delta import NEW, SPARSE_IDX, SPARSE_VAL, Delta, apply
 from ..engine import CrossEntropy, TrainConfig, train
 from ..errors import ConfigError, ModelError
 from ..zoo.base import Classifier
-from ._common import Fitted, Pairs, fit_and_evaluate, make_collate, require_text_hf
+from ._common import Fitted, Pairs, make_collate, require_text_hf
 
 __all__ = ["MaskedLM", "SparseFit", "lt_sft", "topk_masks", "sparse_delta", "compose", "nnz", "domain_sft",
            "resolve_k", "run"]

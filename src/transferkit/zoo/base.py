@@ -91,18 +91,24 @@ class ZooModel:
         return sum(p.numel() for m in mods for p in m.parameters())
 
 
+def new_head(in_dim: int, n_classes: int, seed: int = 0) -> nn.Linear:
+    """A fresh classification head: weights U(±1/√in_dim) from ``seed``, bias 0 (reproducible)."""
+    head = nn.Linear(in_dim, n_classes)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        bound = 1.0 / in_dim**0.5
+        head.weight.uniform_(-bound, bound, generator=gen)
+        head.bias.zero_()
+    return head
+
+
 class Classifier(nn.Module):
     """``backbone`` followed by a new ``nn.Linear`` head; ``forward(inputs) -> logits``."""
 
     def __init__(self, backbone: nn.Module, feature_dim: int, n_classes: int, seed: int = 0):
         super().__init__()
         self.backbone = backbone
-        gen = torch.Generator().manual_seed(seed)
-        self.head = nn.Linear(feature_dim, n_classes)
-        with torch.no_grad():
-            bound = 1.0 / feature_dim**0.5
-            self.head.weight.uniform_(-bound, bound, generator=gen)
-            self.head.bias.zero_()
+        self.head = new_head(feature_dim, n_classes, seed)
 
     def forward(self, inputs: Any = None, **named: torch.Tensor) -> torch.Tensor:
         """``inputs`` as one tensor or dict, or text inputs as keywords (``model(**batch)``)."""
