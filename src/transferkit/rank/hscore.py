@@ -68,12 +68,19 @@ def hscore(X, y, *, probs=None, seed: int = 0, rcond: float = 1e-15) -> float:
 )
 def shrinkage_hscore(X, y, *, probs=None, seed: int = 0) -> float:
     """Ledoit–Wolf regularised H-score tr(Σ_α⁻¹ (1 − α) cov(E[f|y]))."""
-    from sklearn.covariance import LedoitWolf
+    from scipy.linalg import LinAlgError, cho_factor, cho_solve
+    from sklearn.covariance import ledoit_wolf_shrinkage
 
-    n = len(X)
+    n, d = X.shape
     Xc = X - X.mean(0)
-    lw = LedoitWolf(assume_centered=True).fit(Xc)
-    alpha = float(lw.shrinkage_)
+    alpha = float(ledoit_wolf_shrinkage(Xc, assume_centered=True))
+    emp = Xc.T @ Xc / n  # sklearn's LedoitWolf: biased covariance shrunk towards mu·I
+    cov = (1.0 - alpha) * emp
+    cov.flat[:: d + 1] += alpha * np.trace(emp) / d
     M = _between_factor(X, y)
-    P = _pinv_psd(lw.covariance_, 1e-15)
-    return float((1.0 - alpha) * np.einsum("cd,de,ce->", M, P, M) / (n - 1))
+    try:  # Σ_α is positive definite whenever α > 0: a Cholesky solve instead of an eigendecomposition
+        quad = float(np.sum(M * cho_solve(cho_factor(cov, lower=True, check_finite=False), M.T,
+                                          check_finite=False).T))
+    except LinAlgError:
+        quad = float(np.einsum("cd,de,ce->", M, _pinv_psd(cov, 1e-15), M))
+    return (1.0 - alpha) * quad / (n - 1)
