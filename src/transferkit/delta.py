@@ -11,7 +11,9 @@ A Delta is a dict of tensors plus a ``kind`` and metadata:
   Other tensors in a lora Delta (trained biases, ``new.`` heads) behave as in ``full``;
 - ``sparse``: ``<name>.indices`` (flat int64 positions) + ``<name>.values``, with the dense shape in
   ``meta["shapes"][name]``; the dense update scatters (adds) the values into zeros of that shape;
-- further kinds (``bias``, ``adapter``) arrive with the tune issue.
+- methods that add modules the base lacks (adapters, prefixes, side networks, ScaLearn) use a
+  ``head`` Delta: the new modules are ``new.*`` tensors and the meta says how to rebuild the model
+  (e.g. ``meta["requires"]`` = ``transferkit.tune.adapters.rebuild`` or ``"peft"``); BitFit, IA3, DoRA and Conv2d LoRA are exact ``full`` deltas.
 
 Tensors whose names are not in the base (a new classification head) are stored under
 ``new.<name>`` and are *set* by :func:`apply`, not added. :func:`apply` and :func:`to_dense` are

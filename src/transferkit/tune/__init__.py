@@ -9,7 +9,10 @@ Methods (``METHODS`` holds each one's paper, options and training defaults):
 - via Hugging Face PEFT (:mod:`.peft_methods`): ``lora`` (rsLoRA/DoRA flags), ``ia3``, ``prefix``,
   ``prompt`` — saved in PEFT's format under ``out_dir/peft/``;
 - native: ``bitfit`` (:mod:`.bitfit`); the unified view's ``adapter`` (sequential),
-  ``parallel-adapter``, ``scaled-parallel-adapter`` and ``mam`` (:mod:`.adapters`).
+  ``parallel-adapter``, ``scaled-parallel-adapter`` and ``mam`` (:mod:`.adapters`); side networks
+  ``unipt``, ``sherl``, ``r2`` (:mod:`.side`); LT-SFT ``sparse`` (:mod:`.sparse`); ``scalearn``,
+  ``scalearn-uniform``, ``scalearn++``, ``scalearn-uniform++``, ``adapterfusion``, ``shared-adapter``
+  (:mod:`.scalearn`); ``translora`` (:mod:`.translora`).
 """
 
 from ._common import TuneResult
