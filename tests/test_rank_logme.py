@@ -5,7 +5,7 @@ import pytest
 from scipy.stats import multivariate_normal
 
 from transferkit.rank import logme, logme_fit
-from transferkit.rank.logme import _stats, _thin_svd, log_evidence
+from transferkit.rank.logme import _stats, _svd_projection, log_evidence
 
 
 def _gauss(n, d, c=5, shift=2.0, seed=0):
@@ -124,16 +124,28 @@ def test_more_separation_scores_higher():
 
 def test_log_evidence_helper_matches_padded_spectrum():
     X, y = _gauss(30, 80, c=2, seed=6)
-    U, s, V = _thin_svd(X)
-    sigma = (s**2)[:, None]
     t = np.eye(2)[y][:, :1]
-    x2 = (U.T @ t) ** 2
+    s, V, xs = _svd_projection(X, t)
+    sigma = (s**2)[:, None]
+    x2 = xs**2
     r0 = np.array([t[:, 0] @ t[:, 0] - x2.sum()])
     a, b = np.array([2.0]), np.array([3.0])
     _, m2, res2 = _stats(a / b, sigma, x2, r0)
     padded = log_evidence(a, b, np.concatenate([s**2, np.zeros(80 - len(s))]), m2, res2, 30, 80, pad_logdet=False)
     assert log_evidence(a, b, s**2, m2, res2, 30, 80)[0] == pytest.approx(padded[0], rel=1e-12)
     assert log_evidence(a, b, s**2, m2, res2, 30, 80)[0] == pytest.approx(_direct_evidence(X, t[:, 0], 2.0, 3.0), rel=1e-8)
+
+
+@pytest.mark.parametrize("n,d", [(200, 30), (30, 80)])
+def test_svd_projection_both_routes_equal_numpy_svd(n, d):
+    X, y = _gauss(n, d, c=3, seed=7)
+    Y = np.eye(3)[y]
+    s, V, xs = _svd_projection(X, Y)
+    U, s_ref, Vt = np.linalg.svd(X, full_matrices=False)
+    k = len(s)
+    np.testing.assert_allclose(s, s_ref[:k], rtol=1e-9)
+    sign = np.sign(np.sum(V * Vt[:k].T, axis=0))  # singular vectors are defined up to sign
+    np.testing.assert_allclose(xs * sign[:, None], U[:, :k].T @ Y, atol=1e-8)
 
 
 def test_alpha_beta_reset_per_class():

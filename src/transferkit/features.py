@@ -118,6 +118,7 @@ def extract(
     batch_size: int = 64,
     cache: bool = True,
     progress: bool = True,
+    device: str | None = None,
 ) -> Features:
     """Features of ``data`` under ``model`` at ``tap``, from the cache when present.
 
@@ -129,6 +130,10 @@ def extract(
     batch_size : samples per forward pass; memory is flat in N beyond the (N, D) result.
     cache : read and write the on-disk cache keyed by :func:`fingerprint`.
     progress : show a progress bar on stderr.
+    device : where the forward passes run: ``"cuda"`` when a GPU is present, else ``"cpu"`` (default),
+        or any torch device string. The model is moved there for the extraction and back afterwards;
+        the device is not part of the cache key (CPU and GPU features agree to float32 rounding,
+        TF32 convolutions aside).
     """
     import torch
     from tqdm.auto import tqdm
@@ -151,17 +156,29 @@ def extract(
 
     n = len(data)
     X = probs = None
-    with torch.inference_mode(), tqdm(total=n, desc=f"features {model.name}", unit="ex", file=sys.stderr,
-                                      disable=not progress, leave=False) as bar:
-        for start in range(0, n, batch_size):
-            feats, p = model.encode(model.preprocess(data.X[start:start + batch_size]), tap)
-            if X is None:
-                X = np.empty((n, feats.shape[1]), dtype=np.float32)
-                probs = None if p is None else np.empty((n, p.shape[1]), dtype=np.float32)
-            X[start:start + len(feats)] = feats.float().numpy()
-            if probs is not None:
-                probs[start:start + len(feats)] = p.numpy()
-            bar.update(len(feats))
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    modules = [m for m in (model.backbone, model.head) if m is not None]
+    home = next(model.backbone.parameters()).device
+    try:
+        for m in modules:
+            m.to(dev)
+        with torch.inference_mode(), tqdm(total=n, desc=f"features {model.name}", unit="ex", file=sys.stderr,
+                                          disable=not progress, leave=False) as bar:
+            for start in range(0, n, batch_size):
+                inputs = model.preprocess(data.X[start:start + batch_size])
+                inputs = ({k: v.to(dev) if hasattr(v, "to") else v for k, v in inputs.items()}
+                          if isinstance(inputs, dict) else inputs.to(dev))
+                feats, p = model.encode(inputs, tap)
+                if X is None:
+                    X = np.empty((n, feats.shape[1]), dtype=np.float32)
+                    probs = None if p is None else np.empty((n, p.shape[1]), dtype=np.float32)
+                X[start:start + len(feats)] = feats.float().cpu().numpy()
+                if probs is not None:
+                    probs[start:start + len(feats)] = p.cpu().numpy()
+                bar.update(len(feats))
+    finally:
+        for m in modules:
+            m.to(home)
     out = Features(X, data.y, probs, data.domains, key)
     if cache:
         save(out, path)

@@ -488,9 +488,15 @@ def _make_accelerator(config: TrainConfig) -> Any:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
+    from accelerate.state import PartialState
+
     # under torchrun without a GPU, accelerate needs cpu=True to form the gloo group (MULTI_CPU)
     multi_cpu = world_size() > 1 and not torch.cuda.is_available()
     kwargs = dict(cpu=config.cpu or multi_cpu, mixed_precision=config.mixed_precision)
+    want_cpu = kwargs["cpu"] or not torch.cuda.is_available()
+    if world_size() == 1 and PartialState._shared_state and (PartialState().device.type == "cpu") != want_cpu:
+        # accelerate keeps one device per process: an earlier run with the other `cpu` setting would pin this one
+        AcceleratorState._reset_state(reset_partial_state=True)
     try:
         return Accelerator(**kwargs)
     except ValueError as exc:

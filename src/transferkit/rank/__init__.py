@@ -25,6 +25,7 @@ import numpy as np
 
 from ..errors import ConfigError, DataError, TransferkitError
 from ._base import METRICS, Metric, register, validate
+from ._shared import shared_pass
 from .gbc import gbc
 from .hscore import hscore, shrinkage_hscore
 from .leep import leep
@@ -129,7 +130,8 @@ def rank_features(features_by_model: dict, metrics, *, seed: int = 0, options: d
     dict with
       ``scores``  {metric: {model: float}} (models that could not be scored are absent),
       ``ranking`` {metric: [model, ...]} best first,
-      ``time_s``  {metric: {model: wall seconds}},
+      ``time_s``  {metric: {model: wall seconds}} (within one model's pass, computations shared by
+                  several metrics — the centred eigendecomposition, PCA — are charged to the first),
       ``skipped`` [{"model", "metric", "reason"}] for (model, metric) pairs that were not scored
                   (missing input such as source probabilities, or a metric-specific data error),
       ``metrics`` {metric: {"citation", "needs"}}.
@@ -154,21 +156,23 @@ def rank_features(features_by_model: dict, metrics, *, seed: int = 0, options: d
         "skipped": [],
         "metrics": {n: {"citation": METRICS[n].citation, "needs": sorted(METRICS[n].needs)} for n in names},
     }
+    for model, (X, y, probs) in validated.items():
+        with shared_pass():  # one eigendecomposition / PCA of this model's features serves every metric
+            for name in names:
+                m = METRICS[name]
+                reason = _missing(m, probs)
+                if reason:
+                    out["skipped"].append({"model": model, "metric": name, "reason": reason})
+                    continue
+                t0 = time.perf_counter()
+                try:
+                    val = float(m.impl(X, y, probs=probs, seed=seed, **options.get(name, {})))
+                except TransferkitError as e:
+                    out["skipped"].append({"model": model, "metric": name, "reason": str(e)})
+                    continue
+                out["time_s"][name][model] = time.perf_counter() - t0
+                out["scores"][name][model] = val
     for name in names:
-        m = METRICS[name]
-        for model, (X, y, probs) in validated.items():
-            reason = _missing(m, probs)
-            if reason:
-                out["skipped"].append({"model": model, "metric": name, "reason": reason})
-                continue
-            t0 = time.perf_counter()
-            try:
-                val = float(m.impl(X, y, probs=probs, seed=seed, **options.get(name, {})))
-            except TransferkitError as e:
-                out["skipped"].append({"model": model, "metric": name, "reason": str(e)})
-                continue
-            out["time_s"][name][model] = time.perf_counter() - t0
-            out["scores"][name][model] = val
         sc = out["scores"][name]
         out["ranking"][name] = sorted(sc, key=lambda k: (np.isnan(sc[k]), -sc[k] if not np.isnan(sc[k]) else 0.0, k))
     return out

@@ -12,6 +12,8 @@ using Bhattacharyya Class Separability", CVPR 2022.
 
 4. GBC = −Σ_{c ≠ c'} exp(−D_B(c, c'))  (ordered pairs; ≤ 0, higher = better separated).
 
+PCA is exact (:mod:`transferkit.rank._shared`; shared with N-LEEP within a scoring pass).
+
 ``gaussian_type="spherical"`` (default, as in the widely used ports; the paper's choice is unverified)
 replaces σ_c by its mean over dimensions, i.e. Σ = s_c I_d. Deviation note: the stable_transfer
 code then sums log of the scalar variance once, which drops the factor d in the log-determinant
@@ -24,6 +26,7 @@ import numpy as np
 
 from ..errors import DataError
 from ._base import class_means, one_hot, register
+from ._shared import pca as shared_pca
 
 __all__ = ["gbc"]
 
@@ -31,15 +34,9 @@ __all__ = ["gbc"]
 def _pca(X: np.ndarray, pca):
     if pca is None:
         return X
-    from sklearn.decomposition import PCA
-
-    if isinstance(pca, float):
-        if not 0 < pca <= 1:
-            raise DataError("gbc: pca must be a fraction in (0, 1], an int or None")
-        if pca == 1.0:
-            return X
-        return PCA(n_components=pca, svd_solver="full").fit_transform(X)
-    return PCA(n_components=int(min(pca, *X.shape)), svd_solver="full").fit_transform(X)
+    if isinstance(pca, float) and not 0 < pca <= 1:
+        raise DataError("gbc: pca must be a fraction in (0, 1], an int or None")
+    return shared_pca(X, pca)
 
 
 @register(

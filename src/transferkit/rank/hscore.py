@@ -10,7 +10,9 @@ H-score::
     H = tr( cov(f)⁺ · cov(E[f | y]) )
 
 where E[f | y] replaces every sample by its class mean, covariances are unbiased (N − 1) and the
-pseudo-inverse drops eigenvalues below ``rcond = 1e-15`` × the largest (as tllib ``h_score``). It is
+pseudo-inverse drops eigenvalues below ``rcond = 1e-15`` × the largest (as tllib ``h_score``). Both
+scores use the eigendecomposition of the centred Gram matrix shared within a scoring pass
+(:mod:`transferkit.rank._shared`). It is
 invariant to any invertible linear map of the features (in particular rotations) and is
 ill-conditioned when D is large relative to N; the shrinkage variant fixes that::
 
@@ -29,8 +31,9 @@ from __future__ import annotations
 import numpy as np
 
 from ._base import class_means, register
+from ._shared import centred, spectrum
 
-__all__ = ["hscore", "shrinkage_hscore"]
+__all__ = ["hscore", "shrinkage_hscore", "ledoit_wolf_shrinkage"]
 
 
 def _between_factor(X: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -40,11 +43,22 @@ def _between_factor(X: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.sqrt(counts)[:, None] * (means - mu)
 
 
-def _pinv_psd(S: np.ndarray, rcond: float) -> np.ndarray:
-    w, V = np.linalg.eigh(S)
-    cut = rcond * max(float(np.abs(w).max()), 0.0)
-    inv = np.where(np.abs(w) > cut, 1.0 / np.where(w == 0, 1.0, w), 0.0)
-    return (V * inv) @ V.T
+def ledoit_wolf_shrinkage(Xc: np.ndarray, w: np.ndarray) -> float:
+    """Ledoit–Wolf shrinkage intensity of centred ``Xc`` given the eigenvalues ``w`` of XcᵀXc.
+
+    The estimator of sklearn's ``ledoit_wolf_shrinkage(Xc, assume_centered=True)`` (Ledoit & Wolf,
+    "A well-conditioned estimator for large-dimensional covariance matrices", 2004) in O(N·D): its
+    two D×D sums are Σ_ij (X²ᵀX²)_ij = Σ_k ‖x_k‖⁴ and Σ_ij (XᵀX)_ij² = ‖XᵀX‖_F² = Σ w².
+    """
+    n, d = Xc.shape
+    beta_ = float(np.sum(np.einsum("nd,nd->n", Xc, Xc) ** 2))
+    delta_ = float(np.sum(w**2)) / n**2
+    trace = float(np.sum(w)) / n  # tr(emp)
+    mu = trace / d
+    beta = (beta_ / n - delta_) / (d * n)
+    delta = (delta_ - 2.0 * mu * trace + d * mu**2) / d
+    beta = min(beta, delta)
+    return 0.0 if beta == 0 else beta / delta
 
 
 @register(
@@ -53,12 +67,10 @@ def _pinv_psd(S: np.ndarray, rcond: float) -> np.ndarray:
 )
 def hscore(X, y, *, probs=None, seed: int = 0, rcond: float = 1e-15) -> float:
     """H-score tr(cov(f)⁺ cov(E[f|y])) with the matrix product."""
-    n = len(X)
-    Xc = X - X.mean(0)
-    cov_f = Xc.T @ Xc / (n - 1)
-    M = _between_factor(X, y)
-    P = _pinv_psd(cov_f, rcond)
-    return float(np.einsum("cd,de,ce->", M, P, M) / (n - 1))
+    w, V = spectrum(X)  # eigenpairs of (N − 1)·cov(f)
+    keep = w > rcond * max(float(w[0]), 0.0)
+    proj = _between_factor(X, y) @ V[:, keep]
+    return float(np.sum(proj**2 / w[keep]))
 
 
 @register(
@@ -68,19 +80,13 @@ def hscore(X, y, *, probs=None, seed: int = 0, rcond: float = 1e-15) -> float:
 )
 def shrinkage_hscore(X, y, *, probs=None, seed: int = 0) -> float:
     """Ledoit–Wolf regularised H-score tr(Σ_α⁻¹ (1 − α) cov(E[f|y]))."""
-    from scipy.linalg import LinAlgError, cho_factor, cho_solve
-    from sklearn.covariance import ledoit_wolf_shrinkage
-
     n, d = X.shape
-    Xc = X - X.mean(0)
-    alpha = float(ledoit_wolf_shrinkage(Xc, assume_centered=True))
-    emp = Xc.T @ Xc / n  # sklearn's LedoitWolf: biased covariance shrunk towards mu·I
-    cov = (1.0 - alpha) * emp
-    cov.flat[:: d + 1] += alpha * np.trace(emp) / d
-    M = _between_factor(X, y)
-    try:  # Σ_α is positive definite whenever α > 0: a Cholesky solve instead of an eigendecomposition
-        quad = float(np.sum(M * cho_solve(cho_factor(cov, lower=True, check_finite=False), M.T,
-                                          check_finite=False).T))
-    except LinAlgError:
-        quad = float(np.einsum("cd,de,ce->", M, _pinv_psd(cov, 1e-15), M))
-    return (1.0 - alpha) * quad / (n - 1)
+    w, V = spectrum(X)
+    alpha = ledoit_wolf_shrinkage(centred(X), w)
+    # sklearn's LedoitWolf: the biased covariance emp = XcᵀXc/n shrunk towards mu·I, mu = tr(emp)/d.
+    # Σ_α shares emp's eigenvectors; the between-class factor lies in the span of the centred rows,
+    # so the eigenpairs of the thin spectrum are all that the quadratic form needs.
+    lam = (1.0 - alpha) * w / n + alpha * float(w.sum()) / (n * d)
+    keep = lam > 0  # all of them unless α = 0; then zero eigenvalues are dropped as by a pseudo-inverse
+    proj = _between_factor(X, y) @ V[:, keep]
+    return (1.0 - alpha) * float(np.sum(proj**2 / lam[keep])) / (n - 1)

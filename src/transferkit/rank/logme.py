@@ -70,22 +70,21 @@ class LogMEFit:
     rank: int
 
 
-def _thin_svd(F: np.ndarray):
-    """Return U (N, k), s (k,), V (D, k) of F with the numerically zero singular values dropped."""
+def _svd_projection(F: np.ndarray, Y: np.ndarray):
+    """Return s (k,), V (D, k) of the thin SVD F = U S Vᵀ (numerically zero singular values dropped) and x = UᵀY (k, K)."""
     N, D = F.shape
     if N > D:
-        # eigen-decomposition of the D×D Gram matrix is cheaper than the SVD of a tall F
+        # eigen-decomposition of the D×D Gram matrix is cheaper than the SVD of a tall F, and
+        # UᵀY = S⁻¹Vᵀ(FᵀY) never forms the N×k matrix U
         sig, V = np.linalg.eigh(F.T @ F)
         sig, V = sig[::-1], V[:, ::-1]
         s = np.sqrt(np.clip(sig, 0.0, None))
         keep = s > max(N, D) * np.finfo(np.float64).eps * max(s[0], 1e-300) * 10
         s, V = s[keep], V[:, keep]
-        U = (F @ V) / s
-    else:
-        U, s, Vt = np.linalg.svd(F, full_matrices=False)
-        keep = s > max(N, D) * np.finfo(np.float64).eps * max(s[0] if len(s) else 0.0, 1e-300)
-        U, s, V = U[:, keep], s[keep], Vt[keep].T
-    return U, s, V
+        return s, V, (V.T @ (F.T @ Y)) / s[:, None]
+    U, s, Vt = np.linalg.svd(F, full_matrices=False)
+    keep = s > max(N, D) * np.finfo(np.float64).eps * max(s[0] if len(s) else 0.0, 1e-300)
+    return s[keep], Vt[keep].T, U[:, keep].T @ Y
 
 
 def _stats(t, sigma, x2, r0):
@@ -128,10 +127,9 @@ def _fit(F, Y, regression, max_iter, tol, pad_logdet) -> LogMEFit:
     if not regression:
         Y = one_hot(Y)
     N, D = F.shape
-    U, s, V = _thin_svd(F)
+    s, V, xs = _svd_projection(F, Y)  # xs = UᵀY (k, K)
     k = len(s)
     sigma = (s**2)[:, None]
-    xs = U.T @ Y  # (k, K)
     x2 = xs**2
     r0 = np.clip((Y**2).sum(0) - x2.sum(0), 0.0, None)
     K = Y.shape[1]

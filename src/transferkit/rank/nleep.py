@@ -18,6 +18,8 @@ Defaults and deviations:
 * The GMM is seeded (``random_state=seed``); the reference leaves it unseeded.
 * Uses log p as in the paper; TencentARC/SFDA ``NLEEP()`` returns the mean of p.
 * K is capped at N.
+* PCA is the exact eigendecomposition shared with the other metrics of a scoring pass
+  (:mod:`transferkit.rank._shared`), equal to sklearn's ``PCA(svd_solver="full")`` up to component signs.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import warnings
 import numpy as np
 
 from ._base import register
+from ._shared import pca
 from .leep import empirical_predictor
 
 __all__ = ["nleep"]
@@ -49,13 +52,12 @@ def nleep(
     max_iter: int = 100,
 ) -> float:
     """N-LEEP score; see the module docstring."""
-    from sklearn.decomposition import PCA
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.mixture import GaussianMixture
 
     n = len(X)
     n_classes = int(y.max()) + 1
-    Z = PCA(n_components=pca_variance, svd_solver="full").fit_transform(X) if pca_variance else X
+    Z = pca(X, pca_variance) if pca_variance else X
     k = int(min(component_ratio * n_classes, n))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)

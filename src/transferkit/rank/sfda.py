@@ -24,6 +24,7 @@ import numpy as np
 import scipy.linalg
 
 from ._base import class_means, register
+from ._shared import gram
 
 __all__ = ["sfda", "fda_proba", "sfda_shrinkage"]
 
@@ -34,11 +35,13 @@ def _softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(1, keepdims=True)
 
 
-def _within_scatter(X, y, means, prior):
-    Xc = X - means[y]
-    n_c = np.bincount(y).astype(np.float64)
-    w = (prior / n_c)[y]  # prior_c · (1/n_c) per sample: Σ_c prior_c · cov_c (biased)
-    return (Xc * w[:, None]).T @ Xc
+def _within_scatter(X, means, counts):
+    """Σ_c prior_c · cov_c (biased, prior_c = n_c / N) = (XcᵀXc − Σ_c n_c (μ_c − μ)(μ_c − μ)ᵀ) / N.
+
+    The centred scatter XcᵀXc is the one shared with the other metrics of a scoring pass.
+    """
+    M = np.sqrt(counts)[:, None] * (means - X.mean(0))
+    return (gram(X) - M.T @ M) / len(X)
 
 
 def sfda_shrinkage(Sw: np.ndarray, n_power: int = 3) -> float:
@@ -58,13 +61,13 @@ def fda_proba(X: np.ndarray, y: np.ndarray, shrinkage: float | None = None):
     """Fit the regularised FDA of step 1 and return (p(y|x) (N, C), λ used)."""
     means, counts = class_means(X, y)
     prior = counts / counts.sum()
-    Sw = _within_scatter(X, y, means, prior)
+    Sw = _within_scatter(X, means, counts)
     lam = sfda_shrinkage(Sw) if shrinkage is None else float(shrinkage)
     D = Sw.shape[0]
     S = (1.0 - lam) * Sw
     S[np.diag_indices(D)] += lam * np.trace(Sw) / D
     try:
-        coef = scipy.linalg.cho_solve(scipy.linalg.cho_factor(S), means.T).T
+        coef = scipy.linalg.cho_solve(scipy.linalg.cho_factor(S, check_finite=False), means.T, check_finite=False).T
     except np.linalg.LinAlgError:
         coef = (np.linalg.pinv(S, hermitian=True) @ means.T).T
     intercept = -0.5 * np.einsum("cd,cd->c", means, coef) + np.log(prior)

@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import numpy as np
 from scipy.spatial import cKDTree
+from scipy.spatial.distance import cdist
 from scipy.special import digamma
 
 from ._base import register
+from ._shared import centred
 
 __all__ = ["tmi", "kl_entropy"]
 
@@ -38,8 +40,13 @@ def kl_entropy(Z: np.ndarray, k: int = 3, min_dist: float = 1.0, workers: int = 
     k = int(min(k, n - 1))
     if k < 1:
         return float("nan")
-    dist, _ = cKDTree(Z).query(Z, k=k + 1, p=np.inf, workers=workers)
-    r = np.maximum(dist[:, k], min_dist)
+    if d > 32:  # a k-d tree degenerates to brute force in high dimension: pairwise distances, in row blocks
+        step = max(1, 4_000_000 // n)
+        kth = np.concatenate([np.partition(cdist(Z[i:i + step], Z, "chebyshev"), k, axis=1)[:, k]
+                              for i in range(0, n, step)])
+    else:
+        kth = cKDTree(Z).query(Z, k=k + 1, p=np.inf, workers=workers)[0][:, k]
+    r = np.maximum(kth, min_dist)
     return float(-digamma(k) + digamma(n) + d * np.mean(np.log(2.0 * r)))
 
 
@@ -49,7 +56,7 @@ def kl_entropy(Z: np.ndarray, k: int = 3, min_dist: float = 1.0, workers: int = 
 )
 def tmi(X, y, *, probs=None, seed: int = 0, k: int = 3, min_dist: float = 1.0, workers: int = 1) -> float:
     """Mean over classes of p_c · h_c (k-NN entropy of the class's centred features)."""
-    Z = X - X.mean(0)
+    Z = centred(X)
     n = len(y)
     vals = []
     for c in range(int(y.max()) + 1):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from ._base import register
+from ._shared import centred, spectrum
 
 __all__ = ["transrate", "coding_rate"]
 
@@ -39,8 +40,8 @@ def coding_rate(Z: np.ndarray, eps: float = 1e-4) -> float:
 )
 def transrate(X, y, *, probs=None, seed: int = 0, eps: float = 1e-4) -> float:
     """TransRate R(Z) − mean_c R(Z_c) on per-dimension centred features."""
-    Z = X - X.mean(0)
+    Z = centred(X)
     C = int(y.max()) + 1
-    rz = coding_rate(Z, eps)
+    rz = float(0.5 * np.sum(np.log1p(spectrum(X)[0] / (len(Z) * eps))))  # coding_rate(Z), shared spectrum
     rzy = sum(coding_rate(Z[y == c], eps) for c in range(C))
     return float(rz - rzy / C)

@@ -1,0 +1,91 @@
+"""GPU paths (skipped without CUDA): the engine trains on the GPU, mixed precision works, features and a
+LoRA-merged model agree with their CPU counterparts. Run them on a GPU machine with
+``pytest tests/test_cuda.py``."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from transferkit.engine import CrossEntropy, TrainConfig, train
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(autouse=True)
+def no_tf32():
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def toy(n, seed):
+    centers = torch.randn(3, 8, generator=torch.Generator().manual_seed(42)) * 3
+    y = torch.arange(n) % 3
+    return centers[y] + torch.randn(n, 8, generator=torch.Generator().manual_seed(seed)), y
+
+
+def mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def test_engine_trains_on_the_gpu_and_matches_cpu():
+    data, val = toy(240, 0), toy(60, 1)
+    runs = {}
+    for cpu in (True, False):
+        model = mlp()
+        res = train(model, data, CrossEntropy(), TrainConfig(epochs=3, batch_size=16, lr=1e-2, progress=False, cpu=cpu),
+                    val_data=val)
+        runs[cpu] = (model, res)
+    gpu_model, gpu_res = runs[False]
+    assert next(gpu_model.parameters()).device.type == "cuda"
+    assert gpu_res.metrics["val_accuracy"] >= 0.9
+    for (n, a), (_, b) in zip(runs[True][0].state_dict().items(), gpu_model.state_dict().items()):
+        torch.testing.assert_close(a.cpu(), b.cpu(), rtol=1e-4, atol=1e-5, msg=n)
+    # and back: accelerate's per-process state must not pin a later cpu=True run to the GPU
+    again = mlp()
+    train(again, data, CrossEntropy(), TrainConfig(epochs=1, batch_size=16, lr=1e-2, progress=False, cpu=True))
+    assert next(again.parameters()).device.type == "cpu"
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains(precision):
+    model = mlp()
+    res = train(model, toy(240, 0), CrossEntropy(),
+                TrainConfig(epochs=4, batch_size=16, lr=1e-2, progress=False, mixed_precision=precision), val_data=toy(60, 1))
+    assert res.metrics["val_accuracy"] >= 0.9
+
+
+def test_features_on_gpu_equal_cpu(tiny_bert_dir, sentiment_csv):
+    from transferkit.data import load_dataset
+    from transferkit.features import extract
+    from transferkit.zoo import load_model
+
+    model, ds = load_model(str(tiny_bert_dir)), load_dataset(str(sentiment_csv))
+    cpu = extract(model, ds, cache=False, progress=False, device="cpu")
+    gpu = extract(model, ds, cache=False, progress=False, device="cuda")
+    assert next(model.backbone.parameters()).device.type == "cpu"  # moved back
+    np.testing.assert_allclose(gpu.X, cpu.X, rtol=1e-4, atol=1e-5)
+
+
+def test_lora_tuned_on_gpu_applies_exactly_on_cpu(tiny_bert_dir, sentiment_csv, tmp_path):
+    import copy
+
+    from test_tune_common import logits
+
+    from transferkit.data import load_dataset
+    from transferkit.delta import apply
+    from transferkit.tune import tune
+    from transferkit.zoo import load_model
+
+    ds = load_dataset(str(sentiment_csv))
+    model = load_model(str(tiny_bert_dir))
+    res = tune(model, ds, ds, method="lora", config={"r": 4, "epochs": 2, "lr": 5e-3}, out_dir=tmp_path, progress=False)
+    assert res.metrics["test_accuracy"] > 0.5
+    clf = model.classifier(len(ds.classes), seed=0)
+    clf.backbone = copy.deepcopy(model.backbone)
+    apply(clf, res.delta)  # the Delta a GPU run saved, applied to the CPU base
+    batch = model.preprocess(list(ds.X[:16]))
+    torch.testing.assert_close(logits(clf, batch), logits(res.module.cpu(), batch), rtol=1e-4, atol=1e-5)
