@@ -36,11 +36,13 @@ def test_engine_trains_on_the_gpu_and_matches_cpu():
     runs = {}
     for cpu in (True, False):
         model = mlp()
+        torch.cuda.reset_peak_memory_stats()
         res = train(model, data, CrossEntropy(), TrainConfig(epochs=3, batch_size=16, lr=1e-2, progress=False, cpu=cpu),
                     val_data=val)
-        runs[cpu] = (model, res)
-    gpu_model, gpu_res = runs[False]
-    assert next(gpu_model.parameters()).device.type == "cuda"
+        runs[cpu] = (model, res, torch.cuda.max_memory_allocated())
+    gpu_model, gpu_res, gpu_bytes = runs[False]
+    assert runs[True][2] == 0 and gpu_bytes > 0  # the GPU run used the GPU, the cpu=True one did not
+    assert next(gpu_model.parameters()).device.type == "cpu"  # handed back on the device it came on
     assert gpu_res.metrics["val_accuracy"] >= 0.9
     for (n, a), (_, b) in zip(runs[True][0].state_dict().items(), gpu_model.state_dict().items()):
         torch.testing.assert_close(a.cpu(), b.cpu(), rtol=1e-4, atol=1e-5, msg=n)

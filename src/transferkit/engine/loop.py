@@ -602,7 +602,9 @@ def train(model: nn.Module, train_data: Any, objective: Any = None, config: Trai
 
     Parameters
     ----------
-    model : the module to train; it is moved to the accelerator's device.
+    model : the module to train, in place; it runs on the accelerator's device and is moved back to the
+        device it came on (with an objective module) when training ends, so callers keep comparing it
+        with their own tensors.
     train_data : a Dataset, ``(X, y)``, ``{"inputs": X, "labels": y}``, or a mapping of named streams
         (``{"source": ..., "target": ...}``) whose batches reach the objective as
         ``{"source": batch, "target": batch}``; an epoch is one pass over the first stream, the others
@@ -666,6 +668,7 @@ def _train(model, streams, objective, config, val, collate_fn, out, resume, metr
     if not params:
         raise ConfigError("nothing to train: no parameter requires grad")
 
+    home = next(iter(model.parameters()), torch.empty(0)).device
     bundle = _Bundle(model, objective)
     optimizer = _build_optimizer(config, params)
     bundle, optimizer = acc.prepare(bundle, optimizer)
@@ -897,6 +900,9 @@ def _train(model, streams, objective, config, val, collate_fn, out, resume, metr
     write_files(metrics)
     acc.wait_for_everyone()
     bundle.train()
+    if device != home:
+        for m in modules:
+            m.to(home)
     if accelerator is None:  # drop the accelerator's references to the wrapped model and optimizer
         for attr in ("_models", "_optimizers", "_schedulers", "_dataloaders"):
             if isinstance(getattr(acc, attr, None), list):
