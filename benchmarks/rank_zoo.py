@@ -134,9 +134,11 @@ def run_target(target: str, models: dict, args, per_class: int, ft_cfg: dict, lr
     from transferkit.rank.groundtruth import measure
     from transferkit.rank.runner import _set_level
 
-    ds = load_dataset(target, per_class=per_class, seed=args.seed)
-    ds.is_test = None  # split the sample 50/50 even where the source has an official split (Fashion-MNIST)
-    train, test = train_test_split(ds, test_size=0.5, seed=args.seed)
+    n_train = per_class // 2 if args.test_per_class else per_class - per_class // 2
+    n_test = args.test_per_class or per_class // 2
+    ds = load_dataset(target, per_class=n_train + n_test, seed=args.seed)
+    ds.is_test = None  # split the sample ourselves even where the source has an official split (Fashion-MNIST)
+    train, test = train_test_split(ds, test_size=n_test / (n_train + n_test), seed=args.seed)
     log(f"{target}: {len(train)} train / {len(test)} test, {len(ds.classes)} classes, {len(models)} models")
     feats, feat_s = {}, {}
     for name, m in models.items():
@@ -291,6 +293,9 @@ def main() -> None:
     ap.add_argument("--image-per-class", type=int, default=20)
     ap.add_argument("--text-per-class", type=int, default=60)
     ap.add_argument("--image-size", type=int, default=96, help="input size of the ImageNet CNNs (0: native)")
+    ap.add_argument("--test-per-class", type=int, default=0,
+                    help="test examples per class; the train part stays half of --*-per-class "
+                         "(0: split --*-per-class 50/50, the smaller legacy test sets)")
     ap.add_argument("--max-length", type=int, default=64)
     ap.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs of the ground truth")
     ap.add_argument("--image-lrs", default="3e-3,1e-3")
