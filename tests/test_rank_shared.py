@@ -104,3 +104,25 @@ def test_ledoit_wolf_shrinkage_closed_form_equals_sklearn(n, d):
     X, _ = gauss(n, d)
     Xc = X - X.mean(0)
     assert ledoit_wolf_shrinkage(Xc, spectrum(X)[0]) == pytest.approx(sk(Xc, assume_centered=True), rel=1e-9)
+
+
+@pytest.mark.parametrize("case", ["constant", "n<d", "one-in-class"])
+def test_degenerate_inputs_give_a_number_or_a_clear_error_never_nan(case):
+    import warnings
+
+    from transferkit.errors import DataError
+
+    rng = np.random.default_rng(0)
+    X, y = {"constant": (np.ones((60, 8)), np.arange(60) % 3),
+            "n<d": (rng.normal(size=(12, 50)), np.arange(12) % 3),
+            "one-in-class": (rng.normal(size=(31, 5)), np.r_[np.arange(30) % 2, 2])}[case]
+    P = rng.dirichlet(np.ones(5), size=len(y))
+    for name, m in METRICS.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            try:
+                v = m(X, y, probs=P if "probs" in m.needs else None)
+            except DataError as e:
+                assert name in str(e) and "\n" not in str(e)
+                continue
+        assert np.isfinite(v), (name, v)

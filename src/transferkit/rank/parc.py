@@ -64,7 +64,8 @@ def parc(X, y, *, probs=None, seed: int = 0, n_dims: int | None = 32, max_sample
     sd = X.std(0)
     X = (X - X.mean(0)) / np.where(sd > 0, sd, 1.0)
     iu = np.triu_indices(n, 1)
-    a = np.nan_to_num((1.0 - np.corrcoef(X))[iu], nan=1.0)
+    with np.errstate(invalid="ignore", divide="ignore"):  # a constant row: correlation undefined, distance 1
+        a = np.nan_to_num((1.0 - np.corrcoef(X))[iu], nan=1.0)
     cross = y[iu[0]] != y[iu[1]]
     del iu
     return float(100.0 * rank_biserial_corr(a, cross))
@@ -84,6 +85,8 @@ def rank_biserial_corr(a: np.ndarray, b: np.ndarray) -> float:
     starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])
     t = np.diff(np.r_[starts, m]).astype(np.float64)
     var_r = (m * m - 1) / 12.0 - float(np.sum(t**3 - t)) / (12.0 * m)
+    if var_r <= 0:
+        raise DataError("parc: every pair of samples is equally far apart (constant features); PARC is undefined")
     p = n1 / m
     cov = rank_sum1 / m - (m + 1) / 2.0 * p
     return cov / np.sqrt(var_r * p * (1.0 - p))
