@@ -143,6 +143,11 @@ _DROP = object()
     (_with(limits={"epoch": 1}), "unknown key 'epoch' in limits; did you mean 'epochs'?"),
     (_with(targets=[{"data": "opencv-digits", "test_size": 1.5}]), "test_size must be a fraction"),
     ([1, 2], "a pipeline must be a mapping"),
+    (_with(model_options={"mobilenet-v3": {"size": 96}}), "model_options: 'mobilenet-v3' is not one of the models; did you mean 'mobilenet-v2'?"),
+    (_with(model_options={"mobilenet-v2": {"sise": 96}}), "unknown option 'sise' in model_options.mobilenet-v2; did you mean 'size'?"),
+    (_with(model_options={"mobilenet-v2": {"size": "96"}}), "model_options.mobilenet-v2.size must be of the type of the catalogue default 224"),
+    (_with(model_options={"mobilenet-v2": {"size": 0}}), "model_options.mobilenet-v2.size must be"),
+    (_with(model_options={"mobilenet-v2": 96}), "model_options.mobilenet-v2 must be a mapping"),
 ])
 def test_config_errors_are_one_line(cfg, message):
     with pytest.raises(ConfigError) as e:
@@ -178,12 +183,69 @@ def test_config_defaults_paths_and_round_trip(tmp_path, assets):
 
 def test_default_pipelines_and_example_validate():
     full, quick = load_config(DEFAULT_PIPELINE), load_config(default_pipeline(quick=True))
-    assert len(full.models) == 7 and full.targets[0].data == "opencv-digits" and full.tune.ground_truth
-    assert full.tune.method == ("lora" if "lora" in pl._tune_methods() else "full")
-    assert quick.targets[0].per_class < full.targets[0].per_class
+    for cfg in (full, quick):
+        assert len(cfg.models) == 7 and [t.data for t in cfg.targets] == ["opencv-digits", "sklearn-digits"]
+        # ground truth = a real fine-tune of every candidate (not a probe on frozen features)
+        assert cfg.tune.ground_truth and cfg.tune.ground_truth_method == "full"
+        assert cfg.tune.method == ("lora" if "lora" in pl._tune_methods() else "full") and cfg.tune.top_k == 2
+        assert cfg.merge is not None and cfg.merge.method == "ties"
+        # the ImageNet CNNs run at a reduced size in every stage; the digit CNNs keep their own input size
+        assert set(cfg.model_options) == {"mobilenet-v2", "efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2"}
+    assert {o["size"] for o in full.model_options.values()} == {64}
+    assert {o["size"] for o in quick.model_options.values()} == {32}
+    assert all(q.per_class < f.per_class for q, f in zip(quick.targets, full.targets))
+    assert load_config(full.to_dict()).fingerprint() == full.fingerprint()  # model_options round-trips
     ex = load_config(ROOT / "examples" / "pipeline.yaml")
     assert [t.data for t in ex.targets][:2] == ["vader:movies", "vader:amazon"]
     assert ex.models == ["all-minilm-l6-v2", "paraphrase-minilm-l3-v2", "all-mpnet-base-v2"]
+
+
+def test_model_options_reach_every_stage(assets, cache, tmp_path, monkeypatch):
+    import transferkit.zoo as zoo
+
+    real, calls = zoo.load_model, []
+
+    def spy(spec, **opts):
+        calls.append((str(spec), opts))
+        return real(spec, **opts)
+
+    monkeypatch.setattr(zoo, "load_model", spy)
+    a, b = assets["models"]
+    cfg = tiny_config(assets, model_options={a: {"max_length": 4}},
+                      tune={"method": "full", "top_k": 2, "config": {"epochs": 1, "batch_size": 8},
+                            "ground_truth": True, "ground_truth_method": "linear", "ground_truth_config": {"epochs": 2}})
+    assert load_config(cfg).model_options == {a: {"max_length": 4}}
+    s = run_pipeline(cfg, tmp_path / "run", progress=False)
+    assert s["merge"]["groups"]
+    # rank (2 targets) + ground truth (2) + tune (2) + merge (2 tasks): every load of model a has the option
+    assert [o for m, o in calls if m == a] == [{"max_length": 4}] * 8
+    assert all(o == {} for m, o in calls if m == b)
+    assert s["config"]["model_options"] == {a: {"max_length": 4}}
+
+
+def _merge_stage(tuned: dict, merge: dict | None = None):
+    """Run only the merge stage on a fake run whose tune stage tuned ``tuned`` ({target: [models]})."""
+    targets = [pl.Target(t, t) for t in tuned]
+    cfg = pl.PipelineConfig(targets=targets, models=sorted({m for ms in tuned.values() for m in ms}), metrics=["logme"],
+                            tune=pl.TuneSpec("full"), merge=pl.MergeSpec("ties", merge or {}))
+    run = pl._Run(cfg, Path("/nonexistent"), False, False)
+    run.results["tune"] = {"runs": {t: {m: {} for m in ms} for t, ms in tuned.items()}}
+    return run
+
+
+def test_merge_stage_says_why_it_did_not_merge(monkeypatch):
+    out = pl._stage_merge(_merge_stage({"digits-a": ["m1"], "digits-b": ["m2"]}))
+    assert out["skipped"].startswith("no base model was tuned on 2 or more targets")
+    assert "tuned per target: digits-a: m1; digits-b: m2" in out["skipped"] and "tune.top_k" in out["skipped"]
+    assert out["tuned"] == {"digits-a": ["m1"], "digits-b": ["m2"]}
+    out = pl._stage_merge(_merge_stage({"only": ["m1", "m2"]}))
+    assert out["skipped"].startswith("there is one target")
+    # a shared base is merged; the bases tuned on one target only are listed as not merged
+    merged = []
+    monkeypatch.setattr(pl, "_merge_group", lambda run, base, ts: merged.append((base, ts)) or {"base": base, "tasks": []})
+    out = pl._stage_merge(_merge_stage({"digits-a": ["m1", "m2"], "digits-b": ["m2", "m3"]}))
+    assert merged == [("m2", ["digits-a", "digits-b"])] and "skipped" not in out
+    assert out["not_merged"] == ["m1 (tuned on digits-a only)", "m3 (tuned on digits-b only)"]
 
 
 def test_peak_memory_sees_an_allocation():
@@ -347,11 +409,55 @@ def test_time_limit_skips_remaining_ground_truth(assets, cache, tmp_path):
 
 
 @pytest.mark.assets
+def test_lora_tunes_an_efficientnet(tmp_path):
+    """The demo's LoRA stage can pick an EfficientNet-Lite (LogME ranks one 2nd on sklearn-digits at 64 px):
+    its "SAME" convs and its ``_conv_head`` (loaded as ``_conv_top``) must work with PEFT, exactly."""
+    import copy
+
+    import torch
+
+    from transferkit.data import load_dataset, train_test_split
+    from transferkit.delta import apply
+    from transferkit.tune import tune
+    from transferkit.zoo import load_model
+
+    train, test = train_test_split(load_dataset("sklearn-digits", per_class=6, seed=0), test_size=0.3, seed=0)
+    zm = load_model("efficientnet-lite0", size=32)
+    res = tune(zm, train, test, method="lora", config={"epochs": 1, "lr": 5e-3}, progress=False)
+    assert res.metrics["trainable_params"] < 0.1 * res.metrics["total_params"]
+    clf = copy.deepcopy(zm.classifier(len(train.classes))).eval()
+    apply(clf, res.delta)
+    x = zm.preprocess(np.asarray(test.X[:4]))
+    with torch.no_grad():
+        assert torch.allclose(clf(x), res.module.eval()(x), atol=1e-4)
+
+
+@pytest.mark.assets
 @pytest.mark.slow
 def test_quick_default_pipeline_end_to_end(tmp_path):
+    from test_report import check_full_report
+
     s = run_pipeline(default_pipeline(quick=True), tmp_path, progress=False)
-    ev = s["ground_truth"]["evaluation"]["opencv-digits"]["logme"]
-    assert ev["n_models"] == 7 and -1 <= ev["weighted_tau"] <= 1 and ev["rel@1"] > 0.5
-    chosen = s["tune"]["chosen"]["opencv-digits"]
-    assert chosen["accuracy"] > 0.5
-    assert (tmp_path / "report.html").stat().st_size > 50_000
+    targets = ["opencv-digits", "sklearn-digits"]
+    assert [t["name"] for t in s["targets"]] == targets
+    gt = s["ground_truth"]
+    assert gt["method"] == "full" and not gt["skipped_units"]
+    for t in targets:
+        # ground truth: every candidate really fine-tuned end to end (backbone + head), not a frozen-feature probe
+        runs = gt["runs"][t]
+        assert set(runs) == set(pl.DEMO_MODELS)
+        assert all(r["method"] == "full" and r["trainable_params"] > 0.9 * r["total_params"] for r in runs.values())
+        ev = gt["evaluation"][t]["logme"]
+        assert ev["n_models"] == 7 and -1 <= ev["weighted_tau"] <= 1 and ev["rel@1"] > 0.5
+        chosen = s["tune"]["chosen"][t]
+        assert chosen["accuracy"] > 0.5 and chosen["model"] in s["tune"]["selected"][t]
+        assert len(s["tune"]["selected"][t]) == 2
+    # the top-2 of both targets share a base model: its two per-target deltas are merged
+    merge = s["merge"]
+    assert "skipped" not in merge and merge["groups"]
+    for g in merge["groups"]:
+        assert g["targets"] == targets and all(g["base"] in s["tune"]["selected"][t] for t in targets)
+        assert [x["target"] for x in g["tasks"]] == targets
+        for x in g["tasks"]:
+            assert 0 < x["merged"] <= 1 and x["normalized"] == pytest.approx(x["merged"] / x["individual"])
+    check_full_report((tmp_path / "report.html").read_text(), targets, ["logme", "leep", "nce", "transrate"], merged=True)

@@ -127,6 +127,17 @@ def test_report_without_ground_truth_or_merge():
     assert_pngs(p.sections["ranking"]["images"], 2)  # tuned candidates' accuracies are still plotted
 
 
+def test_report_says_which_bases_were_not_merged():
+    s = synthetic_summary()
+    s["merge"]["not_merged"] = ["digits-mnist (tuned on digits-a only)"]
+    text = " ".join(parse_report(render_report(s)).text)
+    assert "Not merged" in text and "digits-mnist (tuned on digits-a only)" in text
+    s = synthetic_summary(merged=False)
+    s["merge"] = {"skipped": "no base model was tuned on 2 or more targets (tuned per target: a: m1; b: m2)"}
+    text = " ".join(parse_report(render_report(s)).text)
+    assert "Merging did not run: no base model was tuned on 2 or more targets (tuned per target: a: m1; b: m2)" in text
+
+
 def test_report_minimal_summary_renders():
     html = render_report({"name": "empty"})
     assert set(SECTIONS) <= set(parse_report(html).sections)

@@ -160,7 +160,7 @@ def demo(
     resume: bool = typer.Option(False, "--resume", help="Skip stages a killed demo already finished."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
-    """The default pipeline on built-in real assets: 7 image models ranked, measured and tuned on OpenCV digits.
+    """The default pipeline on real assets: 7 image models ranked and fine-tuned on two digit sets, top picks LoRA-tuned and merged.
 
     Example: transferkit demo --out runs/demo
     """
@@ -194,6 +194,13 @@ def _render_summary(summary: dict) -> None:
         if chosen:
             typer.echo(f"{name}: tuned {chosen.get('model')} with {summary['tune']['method']}: "
                        f"test accuracy {chosen.get('accuracy')}, trainable parameters {chosen.get('trainable_params')}")
+    merge = summary.get("merge") or {}
+    for g in merge.get("groups") or []:
+        tasks = ", ".join(f"{t['target']} {t['normalized']:.3f}" for t in g.get("tasks", []) if t.get("normalized") is not None)
+        typer.echo(f"merge {g.get('label', g.get('base'))} ({merge.get('method')}): "
+                   + (g["skipped"] if g.get("skipped") else f"normalized accuracy {tasks}"))
+    if merge.get("skipped"):
+        typer.echo(f"merge: {merge['skipped']}")
     typer.echo(f"report: {summary.get('report')}")
 
 

@@ -12,6 +12,7 @@ The YAML (every key but ``targets`` and ``models`` is optional; see ``docs/pipel
       - vader:movies
       - {data: vader:amazon, name: amazon, limit: 400, per_class: 200, test_size: 0.3}
     models: [all-minilm-l6-v2, paraphrase-minilm-l3-v2]   # catalogue names, HF dirs, hf:ID, timm:NAME
+    model_options: {all-minilm-l6-v2: {max_length: 64}}    # load_model options, used by every stage
     metrics: [logme, linear_probe]                         # or "all"
     tune:
       method: lora                # any transferkit.tune method
@@ -63,7 +64,7 @@ STAGES = ("rank", "ground_truth", "tune", "merge", "report")
 MERGE_METHODS = ("ties", "task_arithmetic", "average")
 STATE_VERSION = 1
 
-_TOP_KEYS = ("name", "targets", "models", "metrics", "tune", "merge", "seeds", "limits")
+_TOP_KEYS = ("name", "targets", "models", "model_options", "metrics", "tune", "merge", "seeds", "limits")
 _TARGET_KEYS = ("data", "name", "limit", "per_class", "test_size")
 _TUNE_KEYS = ("method", "top_k", "select_by", "config", "ground_truth", "ground_truth_method", "ground_truth_config")
 _MERGE_KEYS = ("method", "options")
@@ -123,6 +124,7 @@ class PipelineConfig:
     limits: Limits = field(default_factory=Limits)
     name: str = "pipeline"
     source: str | None = None  # the YAML file it came from
+    model_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # model spec → load_model options
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, YAML-able form that :func:`load_config` reads back to the same config."""
@@ -133,7 +135,7 @@ class PipelineConfig:
             data = t.data if isinstance(t.data, str) else f"<dataset {t.data.name} {t.data.fingerprint()[:16]}>"
             targets.append({"data": data, "name": t.name, "limit": t.limit, "per_class": t.per_class,
                             "test_size": t.test_size})
-        return {
+        out = {
             "name": self.name,
             "targets": targets,
             "models": list(self.models),
@@ -143,6 +145,9 @@ class PipelineConfig:
             "seeds": list(self.seeds),
             "limits": dataclasses.asdict(self.limits),
         }
+        if self.model_options:  # only when set, so configs without it keep their fingerprint
+            out["model_options"] = {m: dict(o) for m, o in self.model_options.items()}
+        return out
 
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -334,6 +339,39 @@ def _parse_models(raw: Any, base_dir: Path | None) -> list[str]:
     return models
 
 
+def _parse_model_options(raw: Any, models: list[str], base_dir: Path | None) -> dict[str, dict[str, Any]]:
+    """``{model: {option: value}}`` for :func:`transferkit.zoo.load_model`; a catalogue model accepts the
+    options of its catalogue entry (e.g. ``size`` of an image model), each with the type of its default."""
+    from .assets import catalogue
+
+    out = {}
+    for spec, opts in _mapping(raw, "model_options").items():
+        model = _resolve_path(spec, base_dir)
+        if model not in models:
+            raise ConfigError(f"model_options: {spec!r} is not one of the models{_did_you_mean(spec, models)}")
+        opts = _mapping(opts, f"model_options.{spec}")
+        entry = catalogue().get(model)
+        known = (entry.get("options") or {}) if entry is not None else None
+        for k, v in opts.items():
+            if known is None:
+                break  # not a catalogue model: its loader checks the options
+            if k not in known:
+                raise ConfigError(f"unknown option {k!r} in model_options.{spec}{_did_you_mean(k, known)} "
+                                  f"(known: {', '.join(known)})")
+            default = known[k]
+            if isinstance(default, bool) or isinstance(v, bool):
+                ok = isinstance(v, bool) and isinstance(default, bool)
+            elif isinstance(default, (int, float)):  # sizes, lengths: positive numbers
+                ok = isinstance(v, (int, float) if isinstance(default, float) else int) and v > 0
+            else:
+                ok = isinstance(v, type(default))
+            if not ok:
+                raise ConfigError(f"model_options.{spec}.{k} must be of the type of the catalogue default "
+                                  f"{default!r}, got {v!r}")
+        out[model] = opts
+    return out
+
+
 def _parse_metrics(raw: Any) -> list[str]:
     from .rank import METRICS, resolve_metrics
 
@@ -444,40 +482,51 @@ def load_config(path_or_dict: str | os.PathLike | Mapping | PipelineConfig) -> P
     _check_keys(raw, _TOP_KEYS, "pipeline")
     targets = _parse_targets(raw.get("targets"), base_dir)
     models = _parse_models(raw.get("models"), base_dir)
+    model_options = _parse_model_options(raw.get("model_options"), models, base_dir)
     metrics = _parse_metrics(raw.get("metrics"))
     tune = _parse_tune(raw.get("tune"), models, metrics)
     return PipelineConfig(
         targets=targets, models=models, metrics=metrics, tune=tune, merge=_parse_merge(raw.get("merge")),
         seeds=_parse_seeds(raw.get("seeds")), limits=_parse_limits(raw.get("limits")),
-        name=_str(raw.get("name", Path(source).stem if source else "pipeline"), "name"), source=source)
+        name=_str(raw.get("name", Path(source).stem if source else "pipeline"), "name"), source=source,
+        model_options=model_options)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # default pipeline (the demo)
 
-DEMO_TARGET = "opencv-digits"
+DEMO_TARGETS = ["opencv-digits", "sklearn-digits"]
 DEMO_MODELS = ["mobilenet-v2", "efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2",
                "digits-mnist", "digits-usps", "digits-svhn"]
+DEMO_RESIZED = DEMO_MODELS[:4]  # the ImageNet CNNs (global pooling: any input size); the digit CNNs have fixed sizes
+DEMO_IMAGE_SIZE = {False: 64, True: 32}
 
 
 def default_pipeline(quick: bool = False) -> dict[str, Any]:
-    """The demo: 7 real image models ranked and tuned on OpenCV's handwritten digits.
+    """The demo: 7 real image models ranked, fine-tuned, tuned and merged on two handwritten-digit targets.
 
-    Ranks with LogME (plus LEEP and NCE, which use the source heads, and TransRate — all cheap on
-    cached features), measures every candidate's linear-probe accuracy (the ground truth the ranking
-    is judged against) and tunes the top-ranked model with ``lora`` (``full`` when LoRA is
-    unavailable). ``quick`` uses 20 instead of 60 images per class and shorter training (for CI).
+    Targets: OpenCV's digits (20×20) and scikit-learn's digits (8×8), 60 images per class each
+    (``quick``: 20). Candidates: MobileNetV2, EfficientNet-Lite0/1/2 (ImageNet; run at
+    ``DEMO_IMAGE_SIZE`` px instead of 224–260 px in every stage, so the ranked features and the
+    fine-tuned network see the same inputs) and the MNIST/USPS/SVHN digit CNNs. Ranked by LogME,
+    LEEP, NCE and TransRate; ground truth = a short full fine-tune of every candidate on every
+    target; the LogME top-2 per target tuned with ``lora`` (``full`` when LoRA is unavailable), the
+    better validation accuracy picked; the per-target deltas of a base tuned on both targets merged
+    with TIES. ``quick`` (CI) also uses smaller ImageNet inputs and fewer epochs.
     """
     method = default_method()
     lr = 5e-3 if method == "lora" else 5e-4
+    size = DEMO_IMAGE_SIZE[quick]
     return {
         "name": "demo-quick" if quick else "demo",
-        "targets": [{"data": DEMO_TARGET, "name": DEMO_TARGET, "per_class": 20 if quick else 60}],
+        "targets": [{"data": t, "name": t, "per_class": 20 if quick else 60} for t in DEMO_TARGETS],
         "models": list(DEMO_MODELS),
+        "model_options": {m: {"size": size} for m in DEMO_RESIZED},
         "metrics": ["logme", "leep", "nce", "transrate"],
-        "tune": {"method": method, "top_k": 1, "select_by": "logme", "config": {"epochs": 5, "lr": lr},
-                 "ground_truth": True, "ground_truth_method": "linear",
-                 "ground_truth_config": {"epochs": 15 if quick else 30}},
+        "tune": {"method": method, "top_k": 2, "select_by": "logme", "config": {"epochs": 3 if quick else 5, "lr": lr},
+                 "ground_truth": True, "ground_truth_method": "full",
+                 "ground_truth_config": {"epochs": 2 if quick else 3, "lr": 1e-3, "batch_size": 16,
+                                         "scheduler": "constant", "warmup_ratio": 0.0}},
         "merge": {"method": "ties", "options": {"k": 0.2}},
         "seeds": [0],
         "limits": {"time": 600},
@@ -717,6 +766,12 @@ class _Run:
             self._data[target.name] = train_test_split(ds, test_size=target.test_size, seed=self.cfg.seeds[0])
         return self._data[target.name]
 
+    def model(self, spec: str):
+        """Load candidate ``spec`` with its ``model_options``: every stage sees the same preprocessing."""
+        from .zoo import load_model
+
+        return load_model(spec, **self.cfg.model_options.get(spec, {}))
+
     def tune_config(self, method: str, config: dict, seed: int) -> dict:
         cfg = dict(config)
         cfg["seed"] = seed
@@ -758,7 +813,6 @@ def _tune_unit(run: _Run, stage: str, target: Target, model: str, method: str, c
     """Tune ``model`` on ``target`` once (or read the stored result of a finished unit on resume)."""
     from .io import write_json
     from .tune import tune
-    from .zoo import load_model
 
     unit_dir = run.out / stage / target.name / _slug(_label(model)) / f"seed{seed}"
     record_path = unit_dir / "unit.json"
@@ -773,7 +827,7 @@ def _tune_unit(run: _Run, stage: str, target: Target, model: str, method: str, c
         shutil.rmtree(unit_dir)
     with PeakMemory() as mem:
         t0 = time.perf_counter()
-        res = tune(load_model(model), train, test, method=method, config=cfg, out_dir=unit_dir,
+        res = tune(run.model(model), train, test, method=method, config=cfg, out_dir=unit_dir,
                    resume=resume_unit, progress=False)
         seconds = time.perf_counter() - t0
     m = res.metrics
@@ -865,10 +919,12 @@ def _stage_rank(run: _Run) -> dict:
         if run.resume and path.is_file():
             return {**json.loads(path.read_text()), "resumed": True}
         train, _ = run.data(target)
-        res = rank_models(train, [model], cfg.metrics, seed=cfg.seeds[0], progress=False)
+        spec = run.model(model) if model in cfg.model_options else model
+        res = rank_models(train, [spec], cfg.metrics, seed=cfg.seeds[0], progress=False)
+        name = res["models"][0]
         rec = {"target": target.name, "model": model, "n": res["n"], "classes": res["classes"], "data": res["data"],
-               "scores": res["scores"][model], "notes": res.get("notes", []),
-               "seconds": {"features": res["seconds"]["features"].get(model),
+               "scores": res["scores"][name], "notes": res.get("notes", []),
+               "seconds": {"features": res["seconds"]["features"].get(name),
                            "metrics": res["seconds"].get("metrics", {})}}
         write_json(path, rec)
         return rec
@@ -982,12 +1038,22 @@ def _stage_merge(run: _Run) -> dict:
         for model in tuned.get(target.name, {}):
             by_base.setdefault(model, []).append(target.name)
     groups = {b: ts for b, ts in by_base.items() if len(ts) >= 2}
+    # why (not) merged, in words: a merge combines deltas of one base model tuned on several targets
+    single = {b: ts[0] for b, ts in by_base.items() if len(ts) == 1}
+    info = {"method": cfg.merge.method, "options": cfg.merge.options,
+            "tuned": {t.name: [_label(m) for m in tuned.get(t.name, {})] for t in cfg.targets},
+            "not_merged": [f"{_label(b)} (tuned on {t} only)" for b, t in single.items()]}
     if not groups:
-        return {"skipped": "needs at least 2 targets tuned from one base model",
-                "method": cfg.merge.method, "options": cfg.merge.options}
+        if len(cfg.targets) < 2:
+            why = "there is one target; a merge needs the deltas of one base model tuned on 2 or more targets"
+        else:
+            picks = "; ".join(f"{t}: {', '.join(ms) or 'none'}" for t, ms in info["tuned"].items())
+            why = (f"no base model was tuned on 2 or more targets (tuned per target: {picks}), so there are no "
+                   "deltas of one base to merge; a larger tune.top_k tunes more candidates per target")
+        return {"skipped": why, **info}
     units = [(b,) for b in groups]
     recs, _ = _run_units(run, "merge", units, lambda b: _merge_group(run, b, groups[b]))
-    out = {"method": cfg.merge.method, "options": cfg.merge.options, "groups": recs}
+    out = {**info, "groups": recs}
     norm = [t["normalized"] for g in recs for t in g.get("tasks", []) if t.get("normalized") is not None]
     out["mean_normalized"] = sum(norm) / len(norm) if norm else None
     return out
@@ -1000,7 +1066,6 @@ def _merge_group(run: _Run, base: str, target_names: list[str]) -> dict:
     from .engine import evaluate
     from .io import write_json
     from .merge import attach_head
-    from .zoo import load_model
 
     cfg = run.cfg
     gdir = run.out / "merge" / _slug(_label(base))
@@ -1020,7 +1085,7 @@ def _merge_group(run: _Run, base: str, target_names: list[str]) -> dict:
     merged.save(gdir / "delta")
     for name, delta in zip(target_names, deltas):
         _, test = run.data(targets[name])
-        zm = load_model(base)
+        zm = run.model(base)
         clf = copy.deepcopy(zm.classifier(len(test.classes), seed=seed))
         apply(clf, attach_head(merged, delta))
         clf.eval()

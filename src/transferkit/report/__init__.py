@@ -177,6 +177,9 @@ def _context(summary: dict, figures_dir: Path | None) -> dict[str, Any]:
             merge_ctx["rows"].append({"base": g.get("label", g.get("base")), "target": t["target"],
                                       "individual": _pct(t.get("individual")), "merged": _pct(t.get("merged")),
                                       "normalized": _num(t.get("normalized"), 3)})
+    if merge.get("groups") and merge.get("not_merged"):
+        merge_ctx["notes"].append("Not merged (a delta needs a partner of the same base): "
+                                  + ", ".join(merge["not_merged"]) + ".")
     if merge.get("groups"):
         merge_ctx["figure"] = keep(figures.merge_png(merge["groups"]), "merge.png")
 

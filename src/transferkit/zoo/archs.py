@@ -5,7 +5,8 @@ Each class reproduces the parameter names of the weight file it loads, so weight
 
 - :class:`MobileNetV2` — torchvision key layout (``features.*``, ``classifier.1``).
 - :class:`EfficientNetLite` — Lite0/1/2 as converted from TensorFlow (``_conv_stem``, ``_blocks.N.*``,
-  ``_conv_head``, ``_fc``), TensorFlow "SAME" padding, ReLU6, no squeeze-excitation.
+  ``_conv_head``, ``_fc``; ``_conv_head`` is loaded as ``_conv_top``, see ``RENAMED``), TensorFlow "SAME"
+  padding, ReLU6, no squeeze-excitation.
 - :class:`MNISTNet`, :class:`USPSNet`, :class:`SVHNNet` — the ccexam digit CNNs.
 
 Every class has ``head_path``: the dotted name of its final ``nn.Linear``. :func:`split_head` swaps
@@ -42,6 +43,8 @@ def split_head(model: nn.Module, path: str) -> tuple[nn.Module, nn.Module]:
 
 def load_state_strict(model: nn.Module, state: dict, what: str) -> None:
     """``model.load_state_dict(state, strict=True)`` with a one-line ModelError on any mismatch."""
+    for old, new in getattr(model, "RENAMED", {}).items():
+        state = {new + k[len(old):] if k.startswith(old) else k: v for k, v in state.items()}
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -126,7 +129,10 @@ class MobileNetV2(nn.Module):
 class SameConv2d(nn.Conv2d):
     """Conv2d with TensorFlow "SAME" padding (asymmetric for even inputs with stride 2)."""
 
-    def __init__(self, cin: int, cout: int, k: int, stride: int = 1, groups: int = 1, bias: bool = False):
+    def __init__(self, cin: int, cout: int, k: int, stride: int = 1, padding: object = 0, groups: int = 1,
+                 bias: bool = False):
+        # nn.Conv2d's positional order, which PEFT's LoRA uses to build lora_A/lora_B of this type; ``padding``
+        # is ignored: "SAME" padding is computed per input in forward
         super().__init__(cin, cout, k, stride, padding=0, groups=groups, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -168,6 +174,9 @@ class EfficientNetLite(nn.Module):
     """EfficientNet-Lite0..4 (ReLU6, no SE, stem and head not scaled); ``forward`` gives logits."""
 
     head_path = "_fc"
+    # the file's ``_conv_head``: PEFT's modules_to_save matches module names by suffix, so a backbone module
+    # named ``*head`` collides with the new classification ``head`` of every PEFT method
+    RENAMED = {"_conv_head.": "_conv_top."}
     # (width multiplier, depth multiplier, resolution, dropout)
     VARIANTS = {"lite0": (1.0, 1.0, 224, 0.2), "lite1": (1.0, 1.1, 240, 0.2), "lite2": (1.1, 1.2, 260, 0.3),
                 "lite3": (1.2, 1.4, 280, 0.3), "lite4": (1.4, 1.8, 300, 0.3)}
@@ -198,7 +207,7 @@ class EfficientNetLite(nn.Module):
             for j in range(repeats):
                 blocks.append(_MBConv(cin if j == 0 else cout, cout, k, s if j == 0 else 1, e, eps))
         self._blocks = nn.ModuleList(blocks)
-        self._conv_head = SameConv2d(cout, 1280, 1)
+        self._conv_top = SameConv2d(cout, 1280, 1)
         self._bn1 = nn.BatchNorm2d(1280, eps=eps)
         self.act = nn.ReLU6()
         self._dropout = nn.Dropout(dropout)
@@ -208,7 +217,7 @@ class EfficientNetLite(nn.Module):
         x = self.act(self._bn0(self._conv_stem(x)))
         for block in self._blocks:
             x = block(x)
-        x = self.act(self._bn1(self._conv_head(x)))
+        x = self.act(self._bn1(self._conv_top(x)))
         return self._fc(self._dropout(x.mean(dim=(2, 3))))
 
 
