@@ -1,16 +1,21 @@
 """Benchmark: merging fine-tunes of all-MiniLM-L6-v2 on four real text tasks (transferkit.merge).
 
 Each task (VADER tweets sentiment, SpamAssassin spam/ham, fine-food great/other, VADER nyt sentiment)
-is fine-tuned separately (``transferkit.tune``, method ``full``, a new 2-way head per task) from the
-same pre-trained body. The bodies' task vectors are merged with every method of
+is fine-tuned separately (the recipe of ``transferkit.tune`` method ``full``: body + a new 2-way head)
+from the same pre-trained body. Each task's head is drawn from its own seed (``--heads per-task``):
+``tune`` seeds the head from the run seed, so with one seed every task's head starts from the *same*
+matrix; the heads barely move in a short fine-tune (cosine ≥ 0.999 to their start), so every body
+then writes its class-1 evidence onto one shared feature direction and merging adds up unrelated
+label meanings ("positive" tweet = "other" fine-food review = spam). ``--heads shared-seed`` keeps
+that old behaviour for comparison; ``--heads lp-ft`` uses a frozen linear-probe head instead. The bodies' task vectors are merged with every method of
 :mod:`transferkit.merge`; the merged body is evaluated on each task with that task's own head
 (:func:`transferkit.merge.attach_head`). Reported: absolute accuracy per task, **normalized accuracy**
 (merged ÷ individual fine-tune) per task and on average, the pre-trained body with the task heads
 (λ = 0, lower reference) and a multitask-trained model (one body, one 8-way head whose per-task
 2-logit block is read for each task; upper reference).
 
-Hyper-parameters (λ of task arithmetic and TIES) are chosen on a held-out validation split (never the
-test split). Fine-tunes are cached on disk (``--cache``), so reruns only redo the merges.
+Hyper-parameters (λ of task arithmetic and TIES, λ_neg of negation) are chosen on a held-out
+validation split (never the test split). Fine-tunes are cached on disk (``--cache``), so reruns only redo the merges.
 
 Usage::
 
@@ -35,6 +40,51 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 TASKS = ["vader:tweets", "spamassassin", "finefood", "vader:nyt"]
 MODEL = "all-minilm-l6-v2"
+# What was found and tried (appended to the markdown; numbers here were measured, see the text)
+NOTES = """
+## What was wrong before, and what was tried (issue 5)
+
+**Root cause of finefood < chance (a benchmark bug, not a merge bug).** The previous run (`--heads shared-seed`,
+plain `tune(method="full")`: TIES per-tensor 0.851, TA 0.844, average 0.807; finefood 0.38–0.42 after every merge)
+gave every task's new head the *same* initial matrix, because `tune` seeds the head from the run seed. In 38
+steps at lr 1e-4 the heads hardly move: for all 12 fine-tunes, cos(w₁ − w₀, its initial value) ≥ 0.9996 and
+‖ΔW‖/‖W₀‖ = 0.016–0.022, so the four heads read one shared feature direction (pairwise cos ≥ 0.999). Each body
+therefore learned to push its *class 1* along that direction: "positive" for the VADER tasks, "spam", and
+"other" (= not great, the negative side) for finefood, whose label order is the reverse of VADER's
+(classes `["great", "other"]` vs `["negative", "positive"]`). Merging adds the sentiment tasks' "positive → +u"
+to finefood's "negative → +u", and the two VADER tasks win. Measured on seed 0 (shared-seed): finefood test
+accuracy with the finefood head on θ₀ + λτ_tweets is 0.343 / 0.303 at λ = 0.5 / 1 (τ_nyt 0.444 / 0.444,
+τ_spam 0.475 / 0.495), and τ_finefood alone turns tweets to 0.353 / 0.320 with the tweets head; after task
+arithmetic (λ = 0.5) the class separation along the finefood head flips sign (mean feature difference
+other − great · head direction: +1.68 under finefood's own fine-tune, −1.08 merged) and 92 of 99 test reviews
+are predicted "other" (all 50 "great" ones wrong). Task-vector size is *not* the cause: ‖τ‖ = 1.47–1.68 for the
+four tasks, pairwise cosines −0.04…0.18.
+
+**Fix.** `--heads per-task` (now the default): the same recipe as `tune` method `full` (optimiser, schedule,
+data order, validation split), but task i's head is drawn from seed 1000·(seed+1)+i. On seed 0 the head
+directions' pairwise cosines are then −0.12…0.16, the cosine τ_tweets·τ_finefood goes from −0.029 to +0.056,
+and θ₀ + λτ_tweets with the finefood head gives 0.606 / 0.747 (λ = 0.5 / 1) instead of 0.343 / 0.303.
+The multitask reference has one head (nothing to collide) and is the same cached run as before.
+
+**Also tried: LP-FT** (`--heads lp-ft`: a linear probe, 100 epochs, then the body fine-tuned under the frozen
+probe head, as task arithmetic freezes its zero-shot heads). On finefood seed 0 alone it fine-tuned worse than
+plain full fine-tuning: test 0.646 / 0.636 / 0.616 at lr 1e-4 / 3e-5 / 1e-5 vs 0.616 for the probe alone and
+0.747 for full fine-tuning (the probe head has row norms ≈ 7.6 and the fine-tune overfits under it). It was
+not pursued and no merge was run with it. (Those individual fine-tunes were judged on their test accuracy; no
+merge setting was chosen with the test split.)
+
+**Grids.** TA λ ∈ {0.2 … 1.0}, TIES λ ∈ {0.6 … 2.6} (the old TIES grid stopped at 1.4, its most frequent
+choice); TIES now picks λ = 1.0 in every seed, inside the grid. λ_neg ∈ {0.25 … 2.0} chosen on validation by the
+rule in the negation section (Ilharco et al.'s 95 % control criterion, applied to each control task).
+
+**Negation, honestly.** With λ_neg chosen on validation, spam drops 47–76 pp but the other tasks move 2.0–6.0 pp
+(largest *drop* 2.0 / 3.0 / 2.7 pp for seeds 0 / 1 / 2; the largest moves are *gains* on tweets, +6.0 and
++5.3 pp in seeds 1 and 2, because removing spam's task vector also removes its interference). Test sets are
+small (150 items, finefood 99: 1 item = 0.67–1 pp), so the < 2 pp target is at the resolution of the data.
+
+Note: finefood's test split is the package's official test items within the 500 sampled (99 reviews), because
+`train_test_split` honours a dataset's `is_test`; the other tasks use a random 30 % (150).
+"""
 
 
 def log(*a):
@@ -98,37 +148,75 @@ class Evaluator:
         return accuracy(self.load(attach_head(body, task_delta)), batches)
 
 
-def finetune(zm, name, train, seed, cfg, cache: Path):
-    """Full fine-tune on one task (cached run folder); returns the Delta."""
-    from transferkit.delta import Delta
-    from transferkit.tune import tune
+def _fit(zm, ds, seed, cfg, run: Path, heads: str, head_seed: int | None = None):
+    """Fine-tune on ``ds`` into the run folder ``run``; returns ``(Delta, metrics)`` (cached on disk).
 
-    run = cache / f"{name.replace(':', '_')}-s{seed}"
+    ``head_seed=None``: :func:`transferkit.tune.tune` method ``full`` (backbone + a fresh head seeded
+    by ``seed``, trained end to end). Otherwise the same recipe (optimiser, schedule, data order,
+    validation split: those of ``full``) with the head drawn from ``head_seed``; with
+    ``heads="lp-ft"`` the head is instead a linear probe on the frozen pre-trained body, kept frozen
+    while the body is fine-tuned (LP-FT, Kumar et al. ICLR'22, with the head frozen as task
+    arithmetic freezes its zero-shot heads).
+    """
+    from transferkit.data.dataset import split_mask
+    from transferkit.delta import Delta, from_states
+    from transferkit.engine import TrainConfig
+    from transferkit.io import write_json
+    from transferkit.tune import tune
+    from transferkit.tune._common import fit_and_evaluate
+    from transferkit.tune.registry import split_config
+
     if (run / "delta" / "delta.json").is_file():
         return Delta.load(run / "delta"), json.loads((run / "metrics.json").read_text())
-    log(f"fine-tuning {name} (seed {seed}, {len(train.y)} examples)")
-    res = tune(zm, train, None, method="full", config={**cfg, "seed": seed}, out_dir=run, progress=False)
-    return res.delta, res.metrics
+    log(f"fine-tuning {ds.name} (seed {seed}, {len(ds.y)} examples, heads {heads}, head seed {head_seed})")
+    if head_seed is None:
+        res = tune(zm, ds, None, method="full", config={**cfg, "seed": seed}, out_dir=run, progress=False)
+        return res.delta, res.metrics
+    t0 = time.perf_counter()
+    clf = zm.classifier(len(ds.classes), seed=head_seed)
+    clf.backbone = copy.deepcopy(zm.backbone)
+    clf.requires_grad_(True)
+    if heads == "lp-ft":
+        lp = tune(zm, ds, None, method="linear", config={"epochs": 100, "seed": seed}, out_dir=run / "lp",
+                  progress=False)
+        clf.head.load_state_dict({k[len("new.head."):]: v for k, v in lp.delta.tensors.items()})
+        clf.head.requires_grad_(False)
+    base_state = {"backbone." + k: v.detach().clone() for k, v in zm.backbone.state_dict().items()}
+    _, train_opts = split_config("full", {**cfg, "seed": seed})
+    tcfg = TrainConfig.from_dict({**train_opts, "progress": False})
+    val_mask = split_mask(ds, 0.1, tcfg.seed)  # the split tune() makes for method "full"
+    result, _ = fit_and_evaluate(clf, zm, ds.subset(~val_mask), ds.subset(val_mask), None, tcfg, run, False)
+    tuned = {"backbone." + k: v for k, v in clf.backbone.state_dict().items()}
+    tuned.update({"head." + k: v for k, v in clf.head.state_dict().items()})
+    delta = from_states(base_state, tuned, base_name=zm.name, meta={"method": f"full ({heads} head)"})
+    metrics = {"method": f"full ({heads} head)", "head_seed": head_seed, "seconds": round(time.perf_counter() - t0, 2),
+               **{(k if k.startswith(("val_", "train_")) else f"train_{k}"): v for k, v in result.metrics.items()}}
+    delta.save(run / "delta")
+    write_json(run / "metrics.json", metrics)
+    return delta, metrics
+
+
+def finetune(zm, name, train, seed, cfg, cache: Path, heads: str, index: int):
+    """Fine-tune on task number ``index`` (cached run folder); returns ``(Delta, metrics)``.
+
+    ``heads="shared-seed"`` is plain ``tune(method="full")``: every task's head starts from the
+    same matrix (seeded by ``seed``). ``"per-task"`` draws each task's head from its own seed.
+    """
+    head_seed = None if heads == "shared-seed" else 1000 * (seed + 1) + index
+    return _fit(zm, train, seed, cfg, cache / f"{name.replace(':', '_')}-s{seed}", heads, head_seed)
 
 
 def multitask(zm, tasks, trains, seed, cfg, cache: Path):
-    """One body + one 2T-way head trained on the union (task t owns logits 2t, 2t+1)."""
+    """One body + one 2T-way head trained on the union (task t owns logits 2t, 2t+1); ``tune`` method ``full``."""
     from transferkit.data import make_dataset
-    from transferkit.delta import Delta
-    from transferkit.tune import tune
 
-    run = cache / f"multitask-s{seed}"
-    if (run / "delta" / "delta.json").is_file():
-        return Delta.load(run / "delta")
     X, y, classes = [], [], []
     for t, (name, tr) in enumerate(zip(tasks, trains)):
         X += [str(x) for x in tr.X]
         y += [len(classes) + int(c) for c in tr.y]
         classes += [f"{t}:{c}" for c in tr.classes]
     ds = make_dataset("multitask", X, y, classes=classes, modality="text")
-    log(f"multitask fine-tune ({len(y)} examples, {len(classes)} classes)")
-    res = tune(zm, ds, None, method="full", config={**cfg, "seed": seed}, out_dir=run, progress=False)
-    return res.delta
+    return _fit(zm, ds, seed, cfg, cache / f"multitask-s{seed}", "shared-seed")[0]
 
 
 # ---------------------------------------------------------------------------------------- fisher
@@ -221,7 +309,7 @@ def run_seed(seed: int, args, zm, cache: Path) -> dict:
     cfg = {"epochs": args.epochs, "lr": args.lr, "batch_size": 16}
     deltas, ft_metrics = [], {}
     for t, tr in zip(tasks, trains):
-        d, m = finetune(zm, t, tr, seed, cfg, cache)
+        d, m = finetune(zm, t, tr, seed, cfg, cache, args.heads, len(deltas))
         d.meta["name"] = t
         deltas.append(d)
         ft_metrics[t] = {"seconds": m.get("seconds")}
@@ -257,7 +345,7 @@ def run_seed(seed: int, args, zm, cache: Path) -> dict:
     log(f"seed {seed} individual: " + " ".join(f"{a:.3f}" for a in indiv))
     zero = Delta(deltas[0].base, "full", {}, {})
     record("pre-trained body + task heads", zero)
-    mt = multitask(zm, tasks, trains, seed, cfg, cache)
+    mt = multitask(zm, tasks, trains, seed, cfg, args.cache / args.base_key)
     mt_ev = Evaluator(zm, n_classes=2 * len(tasks))
     clf = mt_ev.load(mt)
     out["methods"]["multitask (upper ref.)"] = {"acc": {t: accuracy(clf, b, slice(2 * i, 2 * i + 2))
@@ -296,23 +384,30 @@ def run_seed(seed: int, args, zm, cache: Path) -> dict:
     record(f"aTLAS ({args.shots}-shot/class, blockwise)", merged,
            {"n_trainable": n_coef, "final_train_loss": hist[-1]["train_loss"] if hist else None}, t0)
 
-    # negation: forget one task from the task-arithmetic merge
+    # negation: forget one task from the task-arithmetic merge. λ_neg is chosen on validation with the
+    # criterion of Ilharco et al. (ICLR'23): the lowest target accuracy such that control accuracy stays
+    # ≥ neg_keep (95%) of what it was before negating — here for *each* control task (the other tasks).
     target = tasks.index(args.negate)
     ta = task_arithmetic(deltas, lam_ta)
-    ref = score(ta)
+    ref, ref_val = score(ta), score(ta, "val")
     neg = {}
     for lam in args.neg_grid:
         body = task_arithmetic([ta, negate(deltas[target], lam)], 1.0)
-        accs = score(body)
+        accs, vals = score(body), score(body, "val")
+        others = [100 * (a - r) for i, (a, r) in enumerate(zip(accs, ref)) if i != target]
         neg[str(lam)] = {"acc": dict(zip(tasks, accs)),
                          "target_drop_pp": 100 * (ref[target] - accs[target]),
-                         "others_max_abs_change_pp": max(100 * abs(a - r) for i, (a, r) in enumerate(zip(accs, ref))
-                                                         if i != target),
-                         "others_mean_change_pp": float(np.mean([100 * (a - r) for i, (a, r) in
-                                                                 enumerate(zip(accs, ref)) if i != target]))}
+                         "others_max_abs_change_pp": max(abs(o) for o in others),
+                         "others_mean_change_pp": float(np.mean(others)),
+                         "val_target_acc": vals[target],
+                         "val_control_retained_min": min(v / r for i, (v, r) in enumerate(zip(vals, ref_val))
+                                                         if i != target)}
         log(f"seed {seed} negate {args.negate} λ={lam}: {neg[str(lam)]}")
+    ok = [g for g in args.neg_grid if neg[str(g)]["val_control_retained_min"] >= args.neg_keep] or [min(args.neg_grid)]
+    chosen = min(ok, key=lambda g: (neg[str(g)]["val_target_acc"], g))
     out["negation"] = {"target": args.negate, "from": f"task arithmetic (λ={lam_ta})", "reference": dict(zip(tasks, ref)),
-                       "by_lambda": neg}
+                       "by_lambda": neg, "chosen": chosen,
+                       "rule": f"lowest val target acc with every control task ≥ {args.neg_keep:g} × its val acc before"}
     out["fine_tune"] = ft_metrics
     return out
 
@@ -348,16 +443,21 @@ def markdown(result: dict) -> str:
         for m, sel in r["selection"].items():
             lines.append(f"- seed {r['seed']} {m}: grid {sel['grid']} → λ = {sel['chosen']}")
     lines += ["", "## Negation (forget one task from the task-arithmetic merge)", "",
-              "| seed | λ_neg | target task | target drop (pp) | others: max abs change (pp) | others: mean change (pp) |",
-              "|---|---|---|---|---|---|"]
+              f"λ_neg chosen on validation: {result['runs'][0]['negation']['rule']} (chosen row in bold).", "",
+              ("| seed | λ_neg | target task | val: target acc | val: control kept (min) | target drop (pp) | "
+               "others: max abs change (pp) | others: mean change (pp) |"),
+              "|---|---|---|---|---|---|---|---|"]
     for r in result["runs"]:
         neg = r["negation"]
         for lam, v in neg["by_lambda"].items():
-            lines.append(f"| {r['seed']} | {lam} | {neg['target']} | {v['target_drop_pp']:.1f} | "
-                         f"{v['others_max_abs_change_pp']:.1f} | {v['others_mean_change_pp']:+.1f} |")
+            b = "**" if lam == str(neg["chosen"]) else ""
+            lines.append(f"| {r['seed']} | {b}{lam}{b} | {neg['target']} | {v['val_target_acc']:.3f} | "
+                         f"{v['val_control_retained_min']:.3f} | {b}{v['target_drop_pp']:.1f}{b} | "
+                         f"{b}{v['others_max_abs_change_pp']:.1f}{b} | {v['others_mean_change_pp']:+.1f} |")
     lines += ["", "## Targets (issue 5)", ""]
     for k, v in result["targets"].items():
         lines.append(f"- {k}: **{'met' if v['met'] else 'missed'}** ({v['detail']})")
+    lines += ["", NOTES.strip()] if NOTES.strip() else []
     return "\n".join(lines) + "\n"
 
 
@@ -370,16 +470,24 @@ def targets(table: dict, runs: list[dict]) -> dict:
     merged = {k: v["norm_avg"] for k, v in table.items() if k not in ("individual", "multitask (upper ref.)",
                                                                        "pre-trained body + task heads")}
     best = max(merged, key=merged.get)
-    negs = [v for r in runs for v in r["negation"]["by_lambda"].values()]
-    ok = [v for v in negs if v["target_drop_pp"] > 20 and v["others_max_abs_change_pp"] < 2]
+    chosen = [r["negation"]["by_lambda"][str(r["negation"]["chosen"])] for r in runs]
+    # rounded: a move of 3/150 test items is 2.0 pp, not 1.99999… (float noise must not meet the target)
+    drop = round(float(np.mean([v["target_drop_pp"] for v in chosen])), 6)
+    moved = round(float(np.mean([v["others_max_abs_change_pp"] for v in chosen])), 6)
+    falls = [max(0.0, max(100 * (r["negation"]["reference"][t] - a) for t, a in v["acc"].items()
+                          if t != r["negation"]["target"])) for r, v in zip(runs, chosen)]
+    fall = float(np.mean(falls))
     return {
         "TIES > task arithmetic > average": {"met": bool(ties_n > ta_n > avg_n),
                                              "detail": f"best TIES {ties_n:.3f}, TA {ta_n:.3f}, average {avg_n:.3f}"},
         "best method ≥ 90% normalized": {"met": bool(merged[best] >= 0.9), "detail": f"{best}: {merged[best]:.3f}"},
         "Fisher ≥ average": {"met": bool(fisher_n >= avg_n), "detail": f"Fisher {fisher_n:.3f}, average {avg_n:.3f}"},
-        "negation: target drop > 20 pp, others < 2 pp": {
-            "met": bool(ok), "detail": "; ".join(f"drop {v['target_drop_pp']:.1f} pp, others max {v['others_max_abs_change_pp']:.1f} pp"
-                                                 for v in negs)},
+        "negation (λ_neg chosen on val): target drop > 20 pp, others < 2 pp": {
+            "met": bool(drop > 20 and moved < 2),
+            "detail": f"mean over seeds: drop {drop:.1f} pp, others' largest move {moved:.1f} pp (largest fall "
+                      f"{fall:.1f} pp); per seed: " + "; ".join(
+                f"seed {r['seed']} λ={r['negation']['chosen']}: drop {v['target_drop_pp']:.1f}, others max "
+                f"{v['others_max_abs_change_pp']:.1f}" for r, v in zip(runs, chosen))},
     }
 
 
@@ -391,19 +499,33 @@ def main(argv=None) -> int:
     ap.add_argument("--max-length", type=int, default=48)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--lr", type=float, default=1e-4)
-    ap.add_argument("--ta-grid", default="0.3,0.5,0.7,1.0")
-    ap.add_argument("--ties-grid", default="0.6,1.0,1.4")
+    ap.add_argument("--heads", choices=["per-task", "shared-seed", "lp-ft"], default="per-task",
+                    help="per-task: each task's new head drawn from its own seed; shared-seed: plain "
+                         "tune(method='full'), every task's head starts from the same matrix; lp-ft: "
+                         "linear-probe head, frozen while the body is fine-tuned")
+    ap.add_argument("--ta-grid", default="0.2,0.3,0.4,0.5,0.6,0.7,0.8,1.0")
+    ap.add_argument("--ties-grid", default="0.6,1.0,1.4,1.8,2.2,2.6")
     ap.add_argument("--dare-p", type=float, default=0.9)
     ap.add_argument("--fisher-n", type=int, default=64)
     ap.add_argument("--shots", type=int, default=16)
     ap.add_argument("--atlas-epochs", type=int, default=8)
     ap.add_argument("--atlas-lr", type=float, default=1e-2)
     ap.add_argument("--negate", default="spamassassin")
-    ap.add_argument("--neg-grid", default="0.5,1.0,2.0")
+    ap.add_argument("--neg-grid", default="0.25,0.5,0.75,1.0,1.5,2.0")
+    ap.add_argument("--neg-keep", type=float, default=0.95, help="control tasks keep ≥ this fraction (val)")
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "transferkit" / "derived" / "merge_text")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="tiny smoke run, written to /tmp, not a result")
+    ap.add_argument("--render", type=Path, help="recompute the targets and rewrite this result JSON and its markdown (no training)")
     args = ap.parse_args(argv)
+    from transferkit.io import write_text
+
+    if args.render:
+        result = json.loads(args.render.read_text())
+        result["targets"] = targets(result["table"], result["runs"])
+        write_text(args.render, json.dumps(result, indent=2, default=str) + "\n")
+        write_text(args.render.with_suffix(".md"), markdown(result))
+        return 0
     args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     for k in ("ta_grid", "ties_grid", "neg_grid"):
         setattr(args, k, [float(x) for x in getattr(args, k).split(",")])
@@ -418,14 +540,16 @@ def main(argv=None) -> int:
 
     t0 = time.perf_counter()
     zm = load_model(MODEL, max_length=args.max_length)
-    cache = args.cache / f"pc{args.per_class}-ml{args.max_length}-e{args.epochs}-lr{args.lr:g}"
+    args.base_key = f"pc{args.per_class}-ml{args.max_length}-e{args.epochs}-lr{args.lr:g}"
+    cache = args.cache / (args.base_key + ("" if args.heads == "shared-seed" else f"-{args.heads}"))
     runs = [run_seed(s, args, zm, cache) for s in seeds]
     table = summarise(runs, args.tasks)
     result = {
         "benchmark": "merge_text", "model": MODEL, "tasks": args.tasks, "seeds": seeds,
         "command": "OMP_NUM_THREADS=1 python benchmarks/merge_text.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "notes": (f"full fine-tunes ({args.epochs} epochs, lr {args.lr:g}, batch 16, max_length {args.max_length}); "
+        "notes": (f"full fine-tunes ({args.epochs} epochs, lr {args.lr:g}, batch 16, max_length {args.max_length}, "
+                  f"heads: {args.heads}); "
                   f"{args.per_class}/class sampled per task, split 70/30 train+val/test, val = 20% of train+val. "
                   + ("ONE seed only (CPU budget): no spread over seeds." if len(seeds) == 1 else "")),
         "table": table, "runs": runs, "seconds": time.perf_counter() - t0,
@@ -434,8 +558,8 @@ def main(argv=None) -> int:
     md = markdown(result)
     dest = Path("/tmp") if args.quick else RESULTS
     dest.mkdir(parents=True, exist_ok=True)
-    (dest / "merge_text.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-    (dest / "merge_text.md").write_text(md)
+    write_text(dest / "merge_text.json", json.dumps(result, indent=2, default=str) + "\n")
+    write_text(dest / "merge_text.md", md)
     print(md)
     return 0
 
