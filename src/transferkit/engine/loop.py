@@ -486,9 +486,7 @@ class _Bundle(nn.Module):
 
 def _make_accelerator(config: TrainConfig) -> Any:
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
-    from accelerate.state import PartialState
+    from accelerate.state import AcceleratorState, PartialState
 
     # under torchrun without a GPU, accelerate needs cpu=True to form the gloo group (MULTI_CPU)
     multi_cpu = world_size() > 1 and not torch.cuda.is_available()
