@@ -35,23 +35,47 @@ import sys
 import time
 from pathlib import Path
 
-CHILD = r"""
+# what both child scripts start with: the task's data split, the model, and the inference timing helper
+_SETUP = r"""
 import json, sys, time
+from pathlib import Path
+import numpy as np
+import torch
+from transferkit.data import load_dataset, train_test_split
+from transferkit.data.dataset import split_mask
+from transferkit.engine.objectives import forward
+from transferkit.tune import tune
+from transferkit.zoo import load_model
 def hwm():
     for line in open("/proc/self/status"):
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
-import torch
-from transferkit.data import load_dataset, train_test_split
-from transferkit.data.dataset import split_mask
-from transferkit.tune import tune
-from transferkit.zoo import load_model
 args = json.loads(sys.argv[1])
 if args.get("threads"):
     torch.set_num_threads(args["threads"])
 ds = load_dataset(args["data"], per_class=args["per_class"], seed=args["seed"])
 train, test = train_test_split(ds, test_size=args["test_size"], seed=args["seed"])
 model = load_model(args["model"], **args.get("load", {}))
+n_classes = len(train.classes)
+base = model.classifier(n_classes, seed=0).eval()
+n_inf = min(len(test), args.get("n_infer", 64))
+batches = [model.preprocess(test.X[i:i + 32] if isinstance(test.X, list) else np.asarray(test.X[i:i + 32]))
+           for i in range(0, n_inf, 32)]
+def infer_times(adapted, reps):  # seconds for the test batches, base vs adapted: min of reps interleaved passes
+    def timed(mod):
+        t = time.perf_counter()
+        with torch.inference_mode():
+            for b in batches:
+                forward(mod, b)
+        return time.perf_counter() - t
+    timed(base); timed(adapted)
+    tb, ta = [], []
+    for _ in range(reps):  # interleaved; the minimum is the least disturbed by other jobs
+        tb.append(timed(base)); ta.append(timed(adapted))
+    return min(tb), min(ta)
+"""
+
+CHILD = _SETUP + r"""
 # what tune() imports lazily is imported now, so that it is not counted as training memory
 import accelerate, peft, transferkit.engine.loop, transferkit.tune.side, transferkit.tune.peft_methods  # noqa
 import transferkit.tune.adapters, transferkit.tune.bitfit, transferkit.tune.sparse, transferkit.tune.scalearn  # noqa
@@ -72,31 +96,8 @@ for lr in args.get("lrs") or [None]:
 m = res.metrics
 
 # ---- inference: adapted module vs base classifier, same batches
-from transferkit.engine.objectives import forward
-n_classes = len(train.classes)
-base = model.classifier(n_classes, seed=0).eval()
 adapted = res.module.eval() if res.module is not None else base
-bs, n_inf = 32, min(len(test), args.get("n_infer", 64))
-X = test.X[:n_inf]
-batches = []
-for i in range(0, n_inf, bs):
-    chunk = X[i:i + bs]
-    if isinstance(chunk, list):
-        batches.append(model.preprocess(chunk))
-    else:
-        import numpy as np
-        batches.append(model.preprocess(np.asarray(chunk)))
-def run(mod):
-    t = time.perf_counter()
-    with torch.inference_mode():
-        for b in batches:
-            forward(mod, b)
-    return time.perf_counter() - t
-run(base); run(adapted)  # warm-up
-tb, ta = [], []
-for _ in range(args.get("infer_reps", 5)):  # interleaved; the minimum is the least disturbed by other jobs
-    tb.append(run(base)); ta.append(run(adapted))
-tb, ta = min(tb), min(ta)
+tb, ta = infer_times(adapted, args.get("infer_reps", 5))
 print(json.dumps({"method": args["method"], "test_accuracy": m.get("test_accuracy"),
                   "val_accuracy": m.get("val_accuracy"), "trainable_params": m["trainable_params"],
                   "total_params": m["total_params"], "trainable_pct": m["trainable_pct"],
@@ -113,31 +114,8 @@ if args.get("out_dir"):  # a source adapter for the composition methods
 # several methods of one (task, seed) in one process (saves the ~10 s start-up per run): accuracy, parameters,
 # time and, on request, the inference ratio; no memory numbers (those come from the fresh-process memory runs).
 # Each finished method is written to its cache file at once.
-CHILD_BATCH = r"""
-import json, sys, time
-from pathlib import Path
-import torch
-from transferkit.data import load_dataset, train_test_split
-from transferkit.data.dataset import split_mask
-from transferkit.tune import tune
-from transferkit.zoo import load_model
-from transferkit.engine.objectives import forward
-args = json.loads(sys.argv[1])
-if args.get("threads"):
-    torch.set_num_threads(args["threads"])
-ds = load_dataset(args["data"], per_class=args["per_class"], seed=args["seed"])
-train, test = train_test_split(ds, test_size=args["test_size"], seed=args["seed"])
-model = load_model(args["model"], **args.get("load", {}))
-n_classes, vf = len(train.classes), args["val_fraction"]
-base = model.classifier(n_classes, seed=0).eval()
-n_inf = min(len(test), 64)
-batches = [model.preprocess(list(test.X[i:i + 32])) for i in range(0, n_inf, 32)]
-def timed(mod):
-    t = time.perf_counter()
-    with torch.inference_mode():
-        for b in batches:
-            forward(mod, b)
-    return time.perf_counter() - t
+CHILD_BATCH = _SETUP + r"""
+vf = args["val_fraction"]
 for item in args["items"]:
     try:
         grid, res = [], None
@@ -157,12 +135,9 @@ for item in args["items"]:
                "majority": float(max((test.y == c).mean() for c in range(n_classes))), "grid": grid}
         if args.get("infer"):
             adapted = res.module.eval() if res.module is not None else base
-            timed(base); timed(adapted)
-            tb, ta = [], []
-            for _ in range(3):  # interleaved; the minimum is the least disturbed by other jobs
-                tb.append(timed(base)); ta.append(timed(adapted))
-            row.update({"infer_ms_base": round(1000 * min(tb) / n_inf, 3), "infer_ms": round(1000 * min(ta) / n_inf, 3),
-                        "infer_ratio": round(min(ta) / min(tb), 3)})
+            tb, ta = infer_times(adapted, 3)
+            row.update({"infer_ms_base": round(1000 * tb / n_inf, 3), "infer_ms": round(1000 * ta / n_inf, 3),
+                        "infer_ratio": round(ta / tb, 3)})
         res = None
     except Exception as e:  # one failing method does not lose the others
         import traceback; traceback.print_exc()
@@ -502,7 +477,7 @@ def main(argv: list[str] | None = None, *, name: str = "tune_text", model: str =
     grid_lrs = (lambda m: [round(default_lr(m) * k, 10) for k in mults]) if mults else (lambda m: [None])
     rows: dict = {}
     rows.update(run(jobs_src, batches(main_l, seeds_l[:1], grid_lrs)))
-    src_rows = {t: rows.pop(f"source {t} adapter") for t in src_l}
+    src_rows = {t: rows.pop(f"source {t} adapter") for t in src_l} if comp_l else {}
     select(main_l, rows)
     rows.update(run(mem_jobs(), batches(main_l, seeds_l[1:], lambda m: [chosen[m]] if m in chosen else [None])))
     rows.update(run([], batches(comp_l, seeds_l, lambda m: [None])))
