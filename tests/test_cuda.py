@@ -91,3 +91,26 @@ def test_lora_tuned_on_gpu_applies_exactly_on_cpu(tiny_bert_dir, sentiment_csv, 
     apply(clf, res.delta)  # the Delta a GPU run saved, applied to the CPU base
     batch = model.preprocess(list(ds.X[:16]))
     torch.testing.assert_close(logits(clf, batch), logits(res.module.cpu(), batch), rtol=1e-4, atol=1e-5)
+
+
+def _signature_patch_on(device: str):
+    """A CPU signature patched into a model on ``device`` and BN re-estimated there from CPU batches."""
+    from transferkit.merge import patch, reestimate_bn, robust_signature
+
+    x = torch.randn(8, 3, 6, 6, generator=torch.Generator().manual_seed(0))
+
+    def net(seed):
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64, 2))
+
+    sig = robust_signature(net(0), net(1), net(2), layers=None)  # on the CPU
+    model = patch(net(1).to(device).eval().requires_grad_(False), sig, 0.5)
+    reestimate_bn(model, [x])
+    return model
+
+
+def test_cpu_signature_patches_a_gpu_model_and_bn_reestimates_there():
+    cpu, gpu = _signature_patch_on("cpu"), _signature_patch_on("cuda")
+    assert gpu[1].running_mean.device.type == "cuda"
+    for (n, a), (_, b) in zip(cpu.state_dict().items(), gpu.state_dict().items()):
+        torch.testing.assert_close(a, b.cpu(), rtol=1e-4, atol=1e-5, msg=n)

@@ -223,7 +223,10 @@ def compose(signatures: Sequence[Signature], alphas: Sequence[float] | float = 1
 @torch.no_grad()
 def patch(clean: nn.Module | Mapping[str, torch.Tensor], signatures: Signature | Sequence[Signature],
           alphas: Sequence[float] | float = 1.0) -> nn.Module | dict[str, torch.Tensor]:
-    """θ_clean + Σ_c α_c·RWS_c. A model is patched in place (and returned); a state dict is copied."""
+    """θ_clean + Σ_c α_c·RWS_c. A model is patched in place (and returned); a state dict is copied.
+
+    The signature may live on another device than the model (e.g. a CPU signature patching a GPU model).
+    """
     sigs = [signatures] if isinstance(signatures, Signature) else list(signatures)
     total = compose(sigs, alphas)
     if isinstance(clean, nn.Module):
@@ -231,14 +234,14 @@ def patch(clean: nn.Module | Mapping[str, torch.Tensor], signatures: Signature |
         for k, v in total.tensors.items():
             if k not in state or state[k].shape != v.shape:
                 raise ModelError(f"signature tensor {k!r} does not fit the model")
-            state[k].add_(v.to(state[k].dtype))
+            state[k].add_(v.to(device=state[k].device, dtype=state[k].dtype))
         return clean
     state = _state(clean)
     out = dict(state)
     for k, v in total.tensors.items():
         if k not in state or state[k].shape != v.shape:
             raise ModelError(f"signature tensor {k!r} does not fit the state dict")
-        out[k] = (state[k].float() + v).to(state[k].dtype)
+        out[k] = (state[k].float() + v.to(state[k].device)).to(state[k].dtype)
     return out
 
 
