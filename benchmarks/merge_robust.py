@@ -90,7 +90,7 @@ def run_setting(zm, ds, sigma: float, seed: int, args, device) -> dict:
     from transferkit.delta import Delta, apply
     from transferkit.merge import patch, reestimate_bn, robust_signature
     from transferkit.tune import tune
-    from transferkit.zoo import Classifier
+    from transferkit.zoo import Classifier, head_seed
 
     rng = np.random.default_rng(seed)
     perm = rng.permutation(len(ds.y))
@@ -105,7 +105,8 @@ def run_setting(zm, ds, sigma: float, seed: int, args, device) -> dict:
     val_clean = batches(zm, ds.X[va], ds.y[va])
     val_noisy = batches(zm, noisy(ds.X[va], sigma, seed + 3), ds.y[va])
     cfg = {"epochs": args.epochs, "lr": args.lr, "batch_size": 32, "seed": seed, "cpu": device.type == "cpu"}
-    cache = args.cache / f"pc{args.per_class}-s{args.size}-e{args.epochs}-lr{args.lr:g}-seed{seed}"
+    # "-h2": fine-tunes whose new head starts from head_seed(seed, classes) (earlier caches: from seed)
+    cache = args.cache / f"pc{args.per_class}-s{args.size}-e{args.epochs}-lr{args.lr:g}-seed{seed}-h2"
 
     def finetune(name, data):
         run = cache / name
@@ -119,8 +120,8 @@ def run_setting(zm, ds, sigma: float, seed: int, args, device) -> dict:
     d_clean, t_clean = finetune("clean", clean_train)
     d_noise, t_noise = finetune(f"noise-sig{sigma:g}", noisy_train)
 
-    # same head initialisation for both fine-tunes (the run seed): θ_pre is one point for the whole head too
-    pre = Classifier(copy.deepcopy(zm.backbone), zm.feature_dim, len(ds.classes), seed=seed)
+    # both fine-tunes (same seed, same classes) started from one head, the one tune() draws: θ_pre includes it
+    pre = Classifier(copy.deepcopy(zm.backbone), zm.feature_dim, len(ds.classes), seed=head_seed(seed, ds.classes))
     pre_state = {k: v.clone() for k, v in pre.state_dict().items()}
 
     def model_of(delta):

@@ -3,7 +3,8 @@
 Each task (VADER tweets sentiment, SpamAssassin spam/ham, fine-food great/other, VADER nyt sentiment)
 is fine-tuned separately (the recipe of ``transferkit.tune`` method ``full``: body + a new 2-way head)
 from the same pre-trained body. Each task's head is drawn from its own seed (``--heads per-task``):
-``tune`` seeds the head from the run seed, so with one seed every task's head starts from the *same*
+``tune`` seeded the head from the run seed (until it switched to :func:`transferkit.zoo.head_seed`,
+which hashes the seed with the class names), so with one seed every task's head started from the *same*
 matrix; the heads barely move in a short fine-tune (cosine ≥ 0.999 to their start), so every body
 then writes its class-1 evidence onto one shared feature direction and merging adds up unrelated
 label meanings ("positive" tweet = "other" fine-food review = spam). ``--heads shared-seed`` keeps
@@ -151,8 +152,8 @@ class Evaluator:
 def _fit(zm, ds, seed, cfg, run: Path, heads: str, head_seed: int | None = None):
     """Fine-tune on ``ds`` into the run folder ``run``; returns ``(Delta, metrics)`` (cached on disk).
 
-    ``head_seed=None``: :func:`transferkit.tune.tune` method ``full`` (backbone + a fresh head seeded
-    by ``seed``, trained end to end). Otherwise the same recipe (optimiser, schedule, data order,
+    ``head_seed=None``: :func:`transferkit.tune.tune` method ``full`` (backbone + a fresh head as tune
+    draws it, trained end to end). Otherwise the same recipe (optimiser, schedule, data order,
     validation split: those of ``full``) with the head drawn from ``head_seed``; with
     ``heads="lp-ft"`` the head is instead a linear probe on the frozen pre-trained body, kept frozen
     while the body is fine-tuned (LP-FT, Kumar et al. ICLR'22, with the head frozen as task
@@ -199,10 +200,12 @@ def _fit(zm, ds, seed, cfg, run: Path, heads: str, head_seed: int | None = None)
 def finetune(zm, name, train, seed, cfg, cache: Path, heads: str, index: int):
     """Fine-tune on task number ``index`` (cached run folder); returns ``(Delta, metrics)``.
 
-    ``heads="shared-seed"`` is plain ``tune(method="full")``: every task's head starts from the
-    same matrix (seeded by ``seed``). ``"per-task"`` draws each task's head from its own seed.
+    ``heads="shared-seed"``: every task's head starts from the same matrix (seeded by ``seed``) — what
+    ``tune`` did before it seeded new heads from (seed, class names) (:func:`transferkit.zoo.head_seed`);
+    its cached runs were made by ``tune(method="full")`` then. ``"per-task"`` draws each task's head
+    from its own seed.
     """
-    head_seed = None if heads == "shared-seed" else 1000 * (seed + 1) + index
+    head_seed = seed if heads == "shared-seed" else 1000 * (seed + 1) + index
     return _fit(zm, train, seed, cfg, cache / f"{name.replace(':', '_')}-s{seed}", heads, head_seed)
 
 
@@ -500,8 +503,8 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--heads", choices=["per-task", "shared-seed", "lp-ft"], default="per-task",
-                    help="per-task: each task's new head drawn from its own seed; shared-seed: plain "
-                         "tune(method='full'), every task's head starts from the same matrix; lp-ft: "
+                    help="per-task: each task's new head drawn from its own seed; shared-seed: every "
+                         "task's head starts from the same matrix (tune's old behaviour); lp-ft: "
                          "linear-probe head, frozen while the body is fine-tuned")
     ap.add_argument("--ta-grid", default="0.2,0.3,0.4,0.5,0.6,0.7,0.8,1.0")
     ap.add_argument("--ties-grid", default="0.6,1.0,1.4,1.8,2.2,2.6")

@@ -91,3 +91,36 @@ def test_unknown_method_and_wrong_modality(tiny_bert_dir, sentiment_csv):
         tune(image_model(), tr, te, method="prefix", config={"epochs": 1}, progress=False)
     with pytest.raises(ConfigError, match="unknown tune method"):
         tune(image_model(), tr, te, method="nope", progress=False)
+
+
+# --------------------------------------------------------------------------------------- head seeds
+def test_head_seed_is_stable_and_depends_on_the_label_set():
+    from transferkit.zoo import head_seed
+
+    assert head_seed(0, ["neg", "pos"]) == head_seed(0, ("neg", "pos"))  # sha256, not Python's salted hash
+    assert head_seed(0, ["neg", "pos"]) == 3504715798736400598  # pinned: changing it changes every tuned number
+    distinct = {head_seed(0, ["neg", "pos"]), head_seed(1, ["neg", "pos"]), head_seed(0, ["pos", "neg"]),
+                head_seed(0, ["great", "other"]), head_seed(0, ["neg", "pos", "x"])}
+    assert len(distinct) == 5 and all(0 <= s < 2**63 for s in distinct)
+
+
+@pytest.mark.parametrize("method", ["full", "bitfit", "sparse", "lora"])
+def test_tasks_with_other_labels_get_their_own_head_start(method):
+    """Two label sets, one seed: independent heads (merging per-task heads needs that); same labels: same head."""
+    from transferkit.data import make_dataset
+    from transferkit.tune import tune
+    from transferkit.zoo import head_seed
+    from transferkit.zoo.base import new_head
+
+    model, (train, _) = image_model(), image_data()
+
+    def head_after(classes):
+        ds = make_dataset("blobs", train.X, train.y, classes=classes)
+        res = tune(model, ds, None, method=method, config={"epochs": 1, "lr": 1e-12, "seed": 3}, progress=False)
+        return res.module.head.weight.detach()
+
+    a, a2, b = head_after(["dark", "bright"]), head_after(["dark", "bright"]), head_after(["ham", "spam"])
+    torch.testing.assert_close(a, a2, rtol=0, atol=0)
+    assert (a - b).abs().max() > 0.05  # U(±1/√6) draws, not one matrix
+    for w, classes in ((a, ["dark", "bright"]), (b, ["ham", "spam"])):  # lr 1e-12: the head is still its start
+        torch.testing.assert_close(w, new_head(6, 2, head_seed(3, classes)).weight, rtol=0, atol=1e-6)

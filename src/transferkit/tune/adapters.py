@@ -347,9 +347,9 @@ def rebuild(model, delta: Delta) -> Classifier:
     return apply(clf, delta).eval()
 
 
-def run(model, fit, val, test, *, n_classes, method, options, cfg, out_dir, resume, **_) -> Fitted:
+def run(model, fit, val, test, *, n_classes, method, options, cfg, out_dir, resume, init_seed, **_) -> Fitted:
     spec = adapter_spec(method, options)
-    clf, names = adapted_classifier(model, n_classes, spec, seed=cfg.seed)
+    clf, names = adapted_classifier(model, n_classes, spec, seed=init_seed)
     trainable = count_trainable(clf)
     result, test_metrics = fit_and_evaluate(clf, model, fit, val, test, cfg, out_dir, resume)
     state = clf.state_dict()

@@ -26,6 +26,7 @@ import torch
 from ..data.dataset import split_mask
 from ..delta import NEW, Delta, from_states
 from ..engine import CrossEntropy, TrainConfig, evaluate, is_main_process, train
+from ..zoo.base import head_seed
 from ._common import Fitted, Pairs, TuneResult, fit_and_evaluate, make_collate, plot_curve
 from .registry import DEFAULTS, METHODS, check_method, split_config
 
@@ -49,6 +50,12 @@ def tune(model, train_data, test_data=None, *, method: str = "linear", config: d
     and best-checkpoint selection; the test split is only used for the final metrics. The caller's
     ``model`` is never modified: methods that change the backbone work on a copy.
 
+    New modules (the head, and a method's adapters or side network) are initialised from
+    :func:`~transferkit.zoo.head_seed` ``(seed, train_data.classes)``: the same label set and seed give
+    the same start (one θ_pre for merging fine-tunes of one task), different label sets independent ones
+    (per-task heads of merged tasks must not start from one matrix). The seed itself drives the data
+    order, the validation split and dropout.
+
     Examples
     --------
     >>> res = tune(load_model("all-minilm-l6-v2"), train, test, method="lora",
@@ -71,7 +78,8 @@ def tune(model, train_data, test_data=None, *, method: str = "linear", config: d
     runner = _runner(method)
     fitted: Fitted = runner(model, fit, val, test_data, n_classes=n_classes, method=method, options=options,
                             cfg=cfg, out_dir=out_dir, resume=resume, progress=progress,
-                            train_data=train_data, val_mask=val_mask)
+                            train_data=train_data, val_mask=val_mask,
+                            init_seed=head_seed(cfg.seed, train_data.classes))
     seconds = time.perf_counter() - t0
     backbone_params = sum(p.numel() for p in model.backbone.parameters())
     trainable = fitted.trainable_params
@@ -131,10 +139,10 @@ def _runner(method: str):
 
 
 def _run_linear(model, fit, val, test, *, n_classes, cfg, out_dir, resume, progress, train_data, val_mask,
-                **_) -> Fitted:
+                init_seed, **_) -> Fitted:
     from ..features import extract
 
-    clf = model.classifier(n_classes, seed=cfg.seed)
+    clf = model.classifier(n_classes, seed=init_seed)
     head = clf.head
     # one extraction of the whole training set (a cache hit after `rank`), split by the same mask
     whole = extract(model, train_data, progress=progress)
@@ -153,8 +161,8 @@ def _run_linear(model, fit, val, test, *, n_classes, cfg, out_dir, resume, progr
     return Fitted(delta, result.metrics, result.history, test_metrics, delta.n_params(), None)
 
 
-def _run_full(model, fit, val, test, *, n_classes, cfg, out_dir, resume, **_) -> Fitted:
-    clf = model.classifier(n_classes, seed=cfg.seed)
+def _run_full(model, fit, val, test, *, n_classes, cfg, out_dir, resume, init_seed, **_) -> Fitted:
+    clf = model.classifier(n_classes, seed=init_seed)
     clf.backbone = copy.deepcopy(model.backbone)  # the caller's ZooModel stays the pretrained source
     base_state = {"backbone." + k: v.detach().clone() for k, v in model.backbone.state_dict().items()}
     for p in clf.parameters():

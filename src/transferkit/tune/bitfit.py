@@ -52,8 +52,8 @@ def mark_bias_trainable(clf: Classifier, bias_terms: Any = "all") -> list[str]:
     return sorted(chosen)
 
 
-def run(model, fit, val, test, *, n_classes, options, cfg, out_dir, resume, **_) -> Fitted:
-    clf = Classifier(copy.deepcopy(model.backbone), model.feature_dim, n_classes, cfg.seed)
+def run(model, fit, val, test, *, n_classes, options, cfg, out_dir, resume, init_seed, **_) -> Fitted:
+    clf = Classifier(copy.deepcopy(model.backbone), model.feature_dim, n_classes, init_seed)
     base = {"backbone." + k: v.detach().clone() for k, v in model.backbone.state_dict().items()}
     chosen = mark_bias_trainable(clf, options.get("bias_terms", "all"))
     trainable = count_trainable(clf)

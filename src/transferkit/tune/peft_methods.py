@@ -329,8 +329,8 @@ def merged_copy(pm) -> nn.Module:
 
 
 # ----------------------------------------------------------------------------------- runner
-def run(model, fit, val, test, *, n_classes, method, options, cfg, out_dir, resume, **_) -> Fitted:
-    pm, base_state = wrap(model, n_classes, method, options, seed=cfg.seed)
+def run(model, fit, val, test, *, n_classes, method, options, cfg, out_dir, resume, init_seed, **_) -> Fitted:
+    pm, base_state = wrap(model, n_classes, method, options, seed=init_seed)
     trainable = count_trainable(pm)
     head_params = sum(v.numel() for v in _head_state(pm).values())
     added = sum(p.numel() for n, p in pm.named_parameters() if p.requires_grad and any(

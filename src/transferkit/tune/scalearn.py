@@ -377,12 +377,12 @@ def rebuild(model, delta: Delta) -> Classifier:
     return apply(clf, delta).eval()
 
 
-def run(model, fit, val, test, *, n_classes, method, options, cfg, out_dir, resume, **_) -> Fitted:
+def run(model, fit, val, test, *, n_classes, method, options, cfg, out_dir, resume, init_seed, **_) -> Fitted:
     kw = _composer_kw(options)
     if VARIANTS[method][0] == "fusion" and kw.get("anneal_steps") is None:
         n = len(fit.y)
         kw["anneal_steps"] = cfg.max_steps or cfg.epochs * max(1, math.ceil(n / (cfg.batch_size * cfg.grad_accum)))
-    clf, _, srcs = composed_classifier(model, n_classes, options.get("sources"), method, seed=cfg.seed, **kw)
+    clf, _, srcs = composed_classifier(model, n_classes, options.get("sources"), method, seed=init_seed, **kw)
     trainable = count_trainable(clf)
     result, test_metrics = fit_and_evaluate(clf, model, fit, val, test, cfg, out_dir, resume)
     state = clf.state_dict()

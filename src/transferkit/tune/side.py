@@ -508,11 +508,11 @@ def cache_features(clf: SideClassifier, model, data, batch_size: int = 64) -> _C
 
 
 # -------------------------------------------------------------------------------------- tune() runner
-def run(model, fit, val, test, *, n_classes, method, options, cfg, out_dir, resume, **_) -> Fitted:
+def run(model, fit, val, test, *, n_classes, method, options, cfg, out_dir, resume, init_seed, **_) -> Fitted:
     from ..engine import CrossEntropy, evaluate, train
 
     spec = side_spec(model, method, options)
-    clf = side_classifier(model, spec, n_classes, seed=cfg.seed)
+    clf = side_classifier(model, spec, n_classes, seed=init_seed)
     trainable = count_trainable(clf)
     if options.get("cache"):
         if spec.get("late_layers"):

@@ -340,7 +340,7 @@ def domain_sft(model, texts: Any, *, k: int | None = None, density: float | None
 
 
 # ------------------------------------------------------------------------------------------- tune() runner
-def run(model, fit, val, test, *, n_classes, options, cfg, out_dir, resume, progress=True, **_) -> Fitted:
+def run(model, fit, val, test, *, n_classes, options, cfg, out_dir, resume, init_seed, progress=True, **_) -> Fitted:
     from ..data import load_dataset
 
     exclude = options.get("exclude") or []
@@ -360,7 +360,7 @@ def run(model, fit, val, test, *, n_classes, options, cfg, out_dir, resume, prog
                                 exclude=exclude, base_delta=domain,
                                 out_dir=Path(out_dir) / "domain" if out_dir else None)
         domain = new_domain
-    clf = Classifier(copy.deepcopy(model.backbone), model.feature_dim, n_classes, cfg.seed)
+    clf = Classifier(copy.deepcopy(model.backbone), model.feature_dim, n_classes, init_seed)
     if domain is not None:
         apply(clf, Delta(domain.base, "sparse", {n: t for n, t in domain.tensors.items() if not n.startswith(NEW)},
                          domain.meta))

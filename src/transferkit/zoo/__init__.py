@@ -18,10 +18,11 @@ from typing import Any
 
 from .. import assets
 from ..errors import ModelError
-from .base import PENULTIMATE, Classifier, ImagePreprocess, MeanPooledEncoder, TextPreprocess, ZooModel, read_tap
+from .base import (PENULTIMATE, Classifier, ImagePreprocess, MeanPooledEncoder, TextPreprocess, ZooModel, head_seed,
+                   read_tap)
 from .loaders import from_module, load_catalogue, load_hf, load_hub, load_timm
 
-__all__ = ["load_model", "list_models", "model_names", "from_module", "ZooModel", "Classifier",
+__all__ = ["load_model", "list_models", "model_names", "from_module", "ZooModel", "Classifier", "head_seed",
            "ImagePreprocess", "TextPreprocess", "MeanPooledEncoder", "read_tap", "PENULTIMATE"]
 
 

@@ -10,6 +10,7 @@ for sequences.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -89,6 +90,20 @@ class ZooModel:
     def n_params(self) -> int:
         mods = [self.backbone] + ([self.head] if self.head is not None else [])
         return sum(p.numel() for m in mods for p in m.parameters())
+
+
+def head_seed(seed: int, classes: Sequence[Any]) -> int:
+    """The seed of a task's new head: a stable hash of the run ``seed`` and the task's class names.
+
+    Tasks with the same label set tuned from the same seed share their head initialisation (a common
+    θ_pre for soups, robust weight signatures, clean-vs-corrupted fine-tunes); tasks with different
+    label sets get independent heads, so per-task heads never start from one matrix — with a shared
+    start a short fine-tune barely moves the heads, every body learns to push *its* class 1 along the
+    same direction, and merging tasks whose labels mean different things cancels them
+    (``benchmarks/merge_text.py --heads shared-seed``).
+    """
+    text = f"{int(seed)}\x1e" + "\x1f".join(str(c) for c in classes)
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
 
 
 def new_head(in_dim: int, n_classes: int, seed: int = 0) -> nn.Linear:
