@@ -327,7 +327,8 @@ def main(argv=None) -> int:
     if args.render:
         old = json.loads(args.render.read_text())
         for k, v in old["settings"].items():
-            setattr(args, k, Path(v) if k in ("cache", "out") else v)
+            if k not in ("render", "out", "quick"):
+                setattr(args, k, Path(v) if k == "cache" else v)
         args.out = args.render.parent
         print(report(old["runs"], args, [int(x) for x in str(args.seeds).split(",")], None, None, None, old=old))
         return 0
