@@ -238,7 +238,7 @@ def report(settings: list[dict], args, seeds: list[int], device, t_start: float 
         "benchmark": "merge_robust", "model": MODEL, "data": "fashion-mnist", "device": hardware,
         "command": old["command"] if old else "python benchmarks/merge_robust.py " + " ".join(
             sys.argv[1:] if argv is None else argv),
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "render"},
         "runs": settings, "summary": summary, "seconds": old["seconds"] if old else round(time.perf_counter() - t_start, 1),
         "target": {"text": "corrupted accuracy +10 pp at < 2 pp clean cost (mean over seeds)",
                    "met_at_sigma": {k: v["met"] for k, v in summary.items()},
