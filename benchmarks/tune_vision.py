@@ -37,16 +37,18 @@ CONFIG = {
 
 if __name__ == "__main__":
     main(name="tune_vision", model="mobilenet-v2", tasks="fashion-mnist,opencv-digits",
-         methods="linear,full,lora,bitfit,unipt", per_class=20, epochs=3, size_opt="size", size=64,
-         config=CONFIG, seeds="0,1,2", doc=__doc__,
+         methods="linear,full,lora,bitfit,unipt", per_class=60, epochs=8, size_opt="size", size=64,
+         config=CONFIG, seeds="0,1,2", doc=__doc__, val_fraction=0.2, lr_grid="1,3",
          mem_task="fashion-mnist", mem_methods="lora,full,unipt", mem_batch=32, mem_size=224,
          notes="Images resized to the size above (MobileNetV2 is pretrained at 224 px) to fit the CPU budget; "
-               "the test sets are the official test items drawn by the per-class sample (30 images for "
-               "fashion-mnist, 80 for opencv-digits): one image is 1.25–3.3 pp. LoRA adapts every non-grouped "
+               "the test sets are the official test items drawn by the per-class sample (90 images for "
+               "fashion-mnist, 240 for opencv-digits): one image is 0.4–1.1 pp. LoRA adapts every non-grouped "
                "Conv2d at r=8, which on a 2.2M-parameter MobileNetV2 is 6.8 % of the parameters (the new head "
                "alone is 0.6 %), so the ≤ 1 % condition cannot hold with these targets. 'trainable' for full "
-               "fine-tuning (and its % above 100) counts the Delta's tensors, which include the BatchNorm "
-               "running statistics (34,112 buffer values) besides the 2,223,872 weights + the head. LoRA and "
-               "BitFit stay below the linear probe here; a probe with the BatchNorm statistics frozen "
-               "(momentum 0) did not help (worse), so the likely cause is too few updates (~24) at these "
-               "learning rates — not verified further.")
+               "fine-tuning counts the trained weights + the head. The previous protocol (20 images per class, "
+               "3 epochs, registry lr, ≈ 24 updates) left LoRA (0.462) and BitFit (0.481) far below the linear "
+               "probe (0.749); with 60 per class, 8 epochs and the lr chosen on validation they train properly "
+               "(0.842 / 0.837 vs probe 0.818). LoRA's training memory at 224 px is *above* full fine-tuning's: "
+               "PEFT's unmerged Conv2d LoRA runs two extra convolutions per adapted layer and keeps their "
+               "activations for backward, while MobileNetV2's full fine-tune only adds the weights' gradients "
+               "and AdamW state (2.2M parameters).")
