@@ -18,7 +18,10 @@ Three measurements, side by side in one run:
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/rank_speed.py --thuml /tmp/thuml_logme \
         --thuml-pythonpath /tmp/thuml_deps
 
-Writes benchmarks/results/rank_speed.json and rank_speed.md.
+Writes rank_speed.json and rank_speed.md to ``--out`` (default benchmarks/results). The pass is timed
+twice per repeat, interleaved: sequential (``workers=1``) and concurrent (``--workers``, default 2: what
+``rank_features`` does by default on ≥ 2 cores); each reports CPU and wall seconds, with the load
+average before and after, since wall seconds mean little on a loaded machine.
 """
 
 from __future__ import annotations
@@ -76,13 +79,16 @@ def _since(t):
     return time.perf_counter() - t[0], time.process_time() - t[1]
 
 
-def time_metrics(X, y, P, repeats: int) -> tuple[dict, dict, tuple]:
-    """(wall s, CPU s) per metric called on its own, per metric within one ``rank_features`` pass, and of the pass.
+def time_metrics(X, y, P, repeats: int, workers: int) -> dict:
+    """CPU s per metric called on its own, and per metric / whole pass of ``rank_features`` (sequential and concurrent).
 
     The pass is what ``transferkit rank`` runs: inputs validated once, and the centred
     eigendecomposition / PCA computed once and shared (charged to the first metric that needs it).
-    CPU seconds (``time.process_time``, all threads of the process) are the contention-robust number
-    on a shared machine; best of ``repeats`` by CPU time.
+    ``seq``: ``workers=1``, per-metric wall seconds; ``con``: ``workers`` threads (the default on
+    ≥ 2 cores), per-metric CPU seconds of the worker thread. For each pass mode the whole pass's CPU
+    seconds (``time.process_time``, all threads of the process: the contention-robust number on a
+    shared machine) and wall seconds are the best of ``repeats`` each; the per-metric times come from
+    the run with the least CPU.
     """
     from transferkit.features import Features
     from transferkit.rank import METRICS, rank_features
@@ -96,14 +102,20 @@ def time_metrics(X, y, P, repeats: int) -> tuple[dict, dict, tuple]:
             best = min(best, _since(t), key=lambda wc: wc[1])
         alone[name] = best
     feats = {"model": Features(X=X, y=y, probs=P)}
-    in_pass, whole = {}, (float("inf"), float("inf"))
-    for _ in range(repeats):
-        t = _clock()
-        res = rank_features(feats, "all", seed=0)
-        dt = _since(t)
-        if dt[1] < whole[1]:
-            whole, in_pass = dt, {k: v["model"] for k, v in res["time_s"].items()}
-    return alone, in_pass, whole
+    out = {"alone": alone}
+    modes = {"seq": 1, "con": workers} if workers > 1 else {"seq": 1}
+    runs: dict[str, list] = {k: [] for k in modes}
+    for _ in range(repeats):  # interleaved, so both modes see the same machine load
+        for mode, w in modes.items():
+            t = _clock()
+            res = rank_features(feats, "all", seed=0, workers=w)
+            wall, cpu = _since(t)
+            runs[mode].append((wall, cpu, {k: v["model"] for k, v in res["time_s"].items()}))
+    for mode, rs in runs.items():
+        best_cpu = min(rs, key=lambda r: r[1])
+        out[mode] = {"workers": modes[mode], "wall_s": min(r[0] for r in rs), "cpu_s": best_cpu[1],
+                     "per_metric_s": best_cpu[2], "runs_wall_cpu_s": [[r[0], r[1]] for r in rs]}
+    return out
 
 
 def logme_side_by_side(cases, thuml: Path | None, pythonpath: str | None, repeats: int) -> list[dict]:
@@ -185,7 +197,10 @@ def main() -> None:
     ap.add_argument("--real", default="mobilenet-v2", help="zoo model for the real-features case ('' skips it)")
     ap.add_argument("--real-data", default="fashion-mnist")
     ap.add_argument("--zoo", type=Path, default=ROOT / "benchmarks" / "results" / "rank_zoo.json")
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results",
+                    help="directory for rank_speed.json / rank_speed.md (e.g. /tmp for trial runs)")
+    ap.add_argument("--workers", type=int, default=2,
+                    help="threads of the concurrent pass timed next to the sequential one (1: sequential only)")
     args = ap.parse_args()
     import torch
 
@@ -199,37 +214,58 @@ def main() -> None:
     cases_m = {f"synthetic Gaussians, 10 classes (N = {args.n}, D = {args.d})": (X, y, P)}
     if args.real:
         cases_m[f"{args.real} penultimate features on {args.real_data} ({args.n // 10} per class)"] = real_features(args)
-    timings = {name: time_metrics(*c, args.repeats) for name, c in cases_m.items()}
+    load0 = os.getloadavg()
+    timings = {name: time_metrics(*c, args.repeats, args.workers) for name, c in cases_m.items()}
+    load1 = os.getloadavg()
     threads = os.environ.get("OMP_NUM_THREADS", "?")
     cases = [(args.n, args.d, 0), (1000, 64, 1), (2000, 512, 2), (200, 512, 3), (100, 2048, 4)]
     side = logme_side_by_side(cases, args.thuml, args.thuml_pythonpath, args.repeats)
     zoo = zoo_costs(args.zoo)
+    from transferkit.rank import available_cores
+
     doc = {"command": f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '?')} .venv/bin/python benchmarks/rank_speed.py "
                       + " ".join(sys.argv[1:]),
-           "machine": f"{os.cpu_count()} CPU cores (shared with other jobs; load average {os.getloadavg()[0]:.1f} at the end), "
-                      f"OMP_NUM_THREADS={threads}",
+           "machine": f"{os.cpu_count()} CPU cores, {available_cores()} usable (shared with other jobs; 1/5/15-min load "
+                      f"average {' '.join(f'{v:.2f}' for v in load0)} before the metric timings, "
+                      f"{' '.join(f'{v:.2f}' for v in load1)} after), OMP_NUM_THREADS={threads}",
+           "loadavg_before": list(load0), "loadavg_after": list(load1),
            "N": args.n, "D": args.d,
-           "metrics": {name: {"alone_wall_cpu_s": a, "in_pass_wall_s": p, "total_alone_wall_cpu_s":
-                              [sum(v[0] for v in a.values()), sum(v[1] for v in a.values())], "pass_wall_cpu_s": w}
-                       for name, (a, p, w) in timings.items()},
+           "metrics": {name: {"alone_wall_cpu_s": t["alone"], "total_alone_wall_cpu_s":
+                              [sum(v[0] for v in t["alone"].values()), sum(v[1] for v in t["alone"].values())],
+                              **{mode: t[mode] for mode in ("seq", "con") if mode in t}}
+                       for name, t in timings.items()},
            "logme_vs_thuml": side, "zoo_costs": zoo}
     write_json(args.out / "rank_speed.json", doc)
 
+    con = args.workers > 1
     lines = ["# rank_speed", "", f"Command: `{doc['command']}`", "", f"Machine: {doc['machine']}.", "",
              f"## All per-model metrics, one model, N = {args.n}, D = {args.d} (best of {args.repeats})", "",
              "`alone`: each metric called on its own (validation and every decomposition included), CPU seconds. "
-             "`pass`: `rank_features(..., \"all\")`, what `transferkit rank` runs — inputs validated once, the centred "
-             "eigendecomposition / PCA computed once and charged to the first metric that uses it (per-metric wall "
-             "seconds inside the pass; the total row gives the pass's CPU and wall seconds). CPU seconds = "
-             "`time.process_time()` of the process (all threads): robust to other jobs on the machine, unlike wall time.", ""]
+             "`seq`: `rank_features(..., \"all\", workers=1)` — inputs validated once, the centred "
+             "eigendecomposition / PCA computed once and charged to the first metric that uses it; per-metric wall seconds. "
+             + (f"`con`: the same pass on {args.workers} worker threads (the default on ≥ 2 cores, what `transferkit rank` runs), "
+                "BLAS limited to one thread per worker; per-metric CPU seconds of the worker thread. " if con else "")
+             + "Totals: the whole pass's CPU seconds (`time.process_time()` of the process, all threads: robust to other jobs "
+             "on the machine) and wall seconds (not robust to them: compare with the load average).", ""]
     names = list(timings)
-    lines += ["| metric | " + " | ".join(f"{n}: alone CPU s | pass s" for n in names) + " |",
-              "|---|" + "---|---|" * len(names)]
-    first = timings[names[0]][0]
+    cols = ["alone CPU s", "seq s"] + (["con CPU s"] if con else [])
+    lines += ["| metric | " + " | ".join(f"{n}: {c}" for n in names for c in cols) + " |",
+              "|---|" + "---|" * (len(cols) * len(names))]
+    first = timings[names[0]]["alone"]
     for k in sorted(first, key=lambda m: -first[m][1]):
-        lines.append(f"| {k} | " + " | ".join(f"{a[k][1]:.3f} | {p.get(k, float('nan')):.3f}" for a, p, _ in timings.values()) + " |")
-    lines += ["| **total** | " + " | ".join(f"**{sum(v[1] for v in a.values()):.2f}** | **{w[1]:.2f} CPU s, {w[0]:.2f} wall s**"
-                                         for a, _, w in timings.values()) + " |", "", "## LogME vs thuml/LogME (same arrays, same process settings)", "",
+        cells = []
+        for t in timings.values():
+            cells += [f"{t['alone'][k][1]:.3f}", f"{t['seq']['per_metric_s'].get(k, float('nan')):.3f}"]
+            if con:
+                cells.append(f"{t['con']['per_metric_s'].get(k, float('nan')):.3f}")
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    cells = []
+    for t in timings.values():
+        cells += [f"**{sum(v[1] for v in t['alone'].values()):.2f}**",
+                  f"**{t['seq']['cpu_s']:.2f} CPU s, {t['seq']['wall_s']:.2f} wall s**"]
+        if con:
+            cells.append(f"**{t['con']['cpu_s']:.2f} CPU s, {t['con']['wall_s']:.2f} wall s**")
+    lines += ["| **total** | " + " | ".join(cells) + " |", "", "## LogME vs thuml/LogME (same arrays, same process settings)", "",
               "| N | D | ours | thuml | abs diff | ours s | thuml s | ours without the (D−k)·log α term |", "|---|---|---|---|---|---|---|---|"]
     for r in side:
         lines.append(f"| {r['N']} | {r['D']} | {r['ours']:.8f} | {r.get('thuml', float('nan')):.8f} | "

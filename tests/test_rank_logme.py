@@ -161,3 +161,33 @@ def test_alpha_beta_reset_per_class():
     # and the order of the classes does not matter
     rev = logme_fit(X, 3 - y)
     np.testing.assert_allclose(rev.evidences[::-1], fit.evidences, rtol=1e-12)
+
+
+@pytest.mark.parametrize("offset,dead", [(0.0, 0), (30.0, 0), (5.0, 4)])
+def test_centred_rank_one_route_equals_svd_route_and_direct_evidence(offset, dead):
+    """N > D: LogME from the shared centred eigensystem (FᵀF = XcᵀXc + NμμᵀSherman–Morrison) equals the
+    thin-SVD formulas and the directly computed evidence, also for a large feature mean and dead columns."""
+    from transferkit.rank.logme import _Rank1Resolvent
+
+    X, y = _gauss(150, 24, c=3, seed=8)
+    X = X + offset
+    X[:, :dead] = 0.0  # rank-deficient F (ReLU units that never fire)
+    Y = np.eye(3)[y]
+    t = np.array([0.05, 3.0, 400.0])
+    gamma, m2, res2, logdet, _ = _Rank1Resolvent(X, Y).stats(t)
+    s, _, xs = _svd_projection(X, Y)
+    x2 = xs**2
+    r0 = np.clip((Y**2).sum(0) - x2.sum(0), 0.0, None)
+    g_ref, m2_ref, res2_ref = _stats(t, (s**2)[:, None], x2, r0)
+    np.testing.assert_allclose(gamma, g_ref, rtol=1e-9)
+    np.testing.assert_allclose(m2, m2_ref, rtol=1e-8)
+    np.testing.assert_allclose(res2, res2_ref, rtol=1e-9)
+    sig = np.concatenate([s**2, np.zeros(24 - len(s))])[:, None]
+    np.testing.assert_allclose(logdet, np.log(sig + t).sum(0), rtol=1e-10)
+    fit = logme_fit(X, y)
+    assert fit.rank == 24 - dead
+    for c in range(3):
+        direct = _direct_evidence(X, Y[:, c], fit.alphas[c], fit.betas[c])
+        assert fit.evidences[c] == pytest.approx(direct, rel=1e-8, abs=1e-8)
+    A = fit.alphas[1] * np.eye(24) + fit.betas[1] * X.T @ X  # posterior mean weights
+    np.testing.assert_allclose(fit.weights[1], fit.betas[1] * np.linalg.solve(A, X.T @ Y[:, 1]), rtol=1e-6, atol=1e-9)

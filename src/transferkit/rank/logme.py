@@ -23,6 +23,22 @@ x = Uᵀy, r₀ = ‖y‖² − ‖x‖², t = α/β)::
 Defaults follow the reference (thuml/LogME ``_fit_fixed_point``): start α = β = 1, at most
 ``max_iter=11`` iterations, stop when |Δt|/t ≤ ``tol=1e-3``.
 
+**N > D: no second eigendecomposition.** The fixed point needs γ, ‖m‖², ‖y − Fm‖² and log|A|, all
+functions of the resolvent (FᵀF + tI)⁻¹ applied to Fᵀy. FᵀF = XcᵀXc + N μμᵀ (μ the column means) is
+a rank-one update of the centred scatter, whose eigendecomposition XcᵀXc = W Λ Wᵀ is shared with
+H-score, TransRate and PCA within a scoring pass (:func:`~transferkit.rank._shared.spectrum`). In that
+basis, with d = λ + t, z = Wᵀμ, a = WᵀXcᵀy, n_y = Σ_i y_i (so WᵀFᵀy = a + n_y z), h = 1 + N Σ z²/d
+and Sherman–Morrison::
+
+    m̃ = Wᵀm = a/d − N (z/d)(zᵀ(a/d))/h + n_y (z/d)/h,      ‖m‖² = ‖m̃‖²
+    γ = Σ λ/d + t N Σ z²/d² / h,      ‖y − Fm‖² = ‖y‖² − (a + n_y z)ᵀm̃ − t‖m̃‖²
+    log|A| = D log β + Σ log d + log h
+
+— the same quantities as the SVD formulas above (exact identities, O(D·K) per iteration), without the
+D×D eigendecomposition of the uncentred FᵀF. Numerically zero directions of F need no rank cut here
+(they contribute λ/d → 0, log d → log t: the padded log|A|). ``pad_logdet=False`` (comparison only)
+and N ≤ D use the thin-SVD route.
+
 Deviations from the reference code:
 
 * **log|A| has D terms.** log|A| = Σ_{i≤k} log(α + βσ_i) + (D − k)·log α. The reference omits the
@@ -42,6 +58,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._base import one_hot, register, validate
+from ._shared import centred, spectrum
 
 __all__ = ["logme", "logme_fit", "LogMEFit"]
 
@@ -58,7 +75,8 @@ class LogMEFit:
     alphas, betas : (K,) hyper-parameters at the fixed point.
     weights : (K, D) posterior mean weights m (``F @ weights.T`` gives the predictions).
     n_iter : (K,) fixed-point iterations used per target.
-    rank : numerical rank k of F.
+    rank : numerical rank k of F (N > D: the rank of the centred features, plus one if the mean lies
+        outside their row space).
     """
 
     score: float
@@ -127,6 +145,8 @@ def _fit(F, Y, regression, max_iter, tol, pad_logdet) -> LogMEFit:
     if not regression:
         Y = one_hot(Y)
     N, D = F.shape
+    if N > D and pad_logdet:
+        return _fit_centred(F, Y, max_iter, tol)
     s, V, xs = _svd_projection(F, Y)  # xs = UᵀY (k, K)
     k = len(s)
     sigma = (s**2)[:, None]
@@ -155,6 +175,69 @@ def _fit(F, Y, regression, max_iter, tol, pad_logdet) -> LogMEFit:
     ev = log_evidence(alpha, beta, sigma, m2, res2, N, D, pad_logdet=pad_logdet)
     weights = (V @ (s[:, None] * xs / (t + sigma))).T  # (K, D)
     return LogMEFit(float(np.mean(ev)), ev, alpha, beta, weights, n_iter, k)
+
+
+class _Rank1Resolvent:
+    """γ, ‖m‖², ‖y − Fm‖², log|FᵀF + tI| and m̃ from the centred eigensystem (see the module docstring)."""
+
+    def __init__(self, F: np.ndarray, Y: np.ndarray):
+        self.N = len(F)
+        self.w, W = spectrum(F)  # N > D: all D eigenpairs of XcᵀXc, w ≥ 0 descending
+        self.W = W
+        self.z = W.T @ F.mean(0)  # (D,)
+        self.a = W.T @ (centred(F).T @ Y)  # (D, K)
+        self.ny = Y.sum(0)  # (K,)
+        self.yy = (Y**2).sum(0)
+
+    def stats(self, t: np.ndarray, cols=slice(None)):
+        w, z, N = self.w[:, None], self.z[:, None], self.N
+        a, ny, yy = self.a[:, cols], self.ny[cols], self.yy[cols]
+        d = w + t  # (D, K)
+        zd = z / d
+        s1 = (z * zd).sum(0)  # Σ z²/d
+        h = 1.0 + N * s1
+        m = a / d - zd * (N * (zd * a).sum(0) / h) + zd * (ny / h)  # m̃ = Wᵀ(FᵀF + tI)⁻¹Fᵀy
+        gamma = (w / d).sum(0) + t * N * (zd**2).sum(0) / h
+        m2 = (m**2).sum(0)
+        res2 = np.clip(yy - (a * m).sum(0) - ny * (z * m).sum(0) - t * m2, 0.0, None)
+        logdet = np.log(d).sum(0) + np.log1p(N * s1)  # log|FᵀF + tI|
+        return gamma, m2, res2, logdet, m
+
+    def rank(self) -> int:
+        w, z, N, D = self.w, self.z, self.N, len(self.w)
+        tol = (max(N, D) * np.finfo(np.float64).eps * 10) ** 2 * max(float(w[0]) + N * float(z @ z), 1e-300)
+        keep = w > tol
+        return int(keep.sum()) + int(N * float(z[~keep] @ z[~keep]) > tol)
+
+
+def _fit_centred(F, Y, max_iter, tol) -> LogMEFit:
+    """The fixed point of :func:`_fit` for N > D from the shared centred eigensystem (rank-one update)."""
+    N, D = F.shape
+    R = _Rank1Resolvent(F, Y)
+    K = Y.shape[1]
+    alpha = np.ones(K)
+    beta = np.ones(K)
+    n_iter = np.zeros(K, dtype=np.int64)
+    active = np.ones(K, dtype=bool)
+    for _ in range(max_iter):
+        if not active.any():
+            break
+        a = active
+        t = alpha[a] / beta[a]
+        gamma, m2, res2, _, _ = R.stats(t, a)
+        alpha[a] = gamma / (m2 + _EPS)
+        beta[a] = (N - gamma) / (res2 + _EPS)
+        n_iter[a] += 1
+        t_new = alpha[a] / beta[a]
+        done = np.abs(t_new - t) / t <= tol
+        idx = np.flatnonzero(a)
+        active[idx[done]] = False
+    t = alpha / beta
+    _, m2, res2, logdet, m = R.stats(t)
+    logdet_A = D * np.log(beta) + logdet  # A = β(FᵀF + tI)
+    L = 0.5 * D * np.log(alpha) + 0.5 * N * np.log(beta) - 0.5 * logdet_A - 0.5 * beta * res2 - 0.5 * alpha * m2 - 0.5 * N * _LOG2PI
+    ev = L / N
+    return LogMEFit(float(np.mean(ev)), ev, alpha, beta, (R.W @ m).T, n_iter, R.rank())
 
 
 @register(

@@ -63,11 +63,13 @@ def parc(X, y, *, probs=None, seed: int = 0, n_dims: int | None = 32, max_sample
         X = pca(X, int(min(n_dims, n)))
     sd = X.std(0)
     X = (X - X.mean(0)) / np.where(sd > 0, sd, 1.0)
-    iu = np.triu_indices(n, 1)
+    upper = np.triu(np.ones((n, n), dtype=bool), 1)  # a boolean mask, not two int64 index arrays of M entries
     with np.errstate(invalid="ignore", divide="ignore"):  # a constant row: correlation undefined, distance 1
-        a = np.nan_to_num((1.0 - np.corrcoef(X))[iu], nan=1.0)
-    cross = y[iu[0]] != y[iu[1]]
-    del iu
+        a = np.corrcoef(X)[upper]
+    np.subtract(1.0, a, out=a)  # the upper triangle of RDM_f, in place
+    np.nan_to_num(a, copy=False, nan=1.0)
+    cross = (y[:, None] != y[None, :])[upper]
+    del upper
     return float(100.0 * rank_biserial_corr(a, cross))
 
 

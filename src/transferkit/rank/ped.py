@@ -22,24 +22,41 @@ ImageNet-val features ("general_X"; the reference raises NotImplementedError wit
 them as ``reference=`` (an (M, D) array or a :class:`~transferkit.features.Features`) for the paper's
 setting. Without them, the target features' own mean and std are used (computed once, before the
 first step). The input array is never modified.
+
+Cost. Every sample of a class moves by the same vector, so the class radii R_c never change and the
+class means move by exactly the displacements: the steps run on the (C, D) class statistics alone
+(computed once from the standardised features), and the moved features are formed once at the end as
+X' = X + (Σ_steps disp · std)[y] — the same features as stepping the (N, D) array, up to round-off.
+X' is a class translate of X, so its within-class scatter is that of X; inside a scoring pass
+(:func:`~transferkit.rank._shared.declare_class_translate`; ``ped`` opens one when called on its own)
+the base metric reuses it (SFDA: the shared scatter and its Cholesky factor).
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 from ..errors import DataError
-from ._base import METRICS, class_means, register
+from ._base import METRICS, class_means, one_hot, register
+from ._shared import declare_class_translate, in_shared_pass, shared_pass
 
 __all__ = ["ped", "ped_dynamics"]
 
 
-def _step(Xs: np.ndarray, y: np.ndarray, dt: float, nsigma: float):
+def _class_stats(Xs: np.ndarray, y: np.ndarray):
+    """Class means μ_c (C, D) and radii R_c = sqrt(Σ_d var_{c,d}) (C,) of the standardised features.
+
+    Overwrites ``Xs`` (a scratch array) with its square: one (N, D) temporary fewer.
+    """
     means, counts = class_means(Xs, y)
-    ex2 = np.zeros_like(means)
-    for c in range(len(means)):
-        ex2[c] = (Xs[y == c] ** 2).mean(0)
-    R = np.sqrt(np.clip(ex2 - means**2, 0.0, None).sum(1))
+    ex2 = (one_hot(y, len(means)).T @ np.square(Xs, out=Xs)) / np.maximum(counts, 1)[:, None]
+    return means, np.sqrt(np.clip(ex2 - means**2, 0.0, None).sum(1))
+
+
+def _step(means: np.ndarray, R: np.ndarray, dt: float, nsigma: float):
+    """Per-class displacement (C, D) of one step and its total |displacement|."""
     diff = means[:, None, :] - means[None, :, :]  # μ_i − μ_j
     dist = np.linalg.norm(diff, axis=-1)
     F = np.maximum(abs(nsigma) * (R[:, None] + R[None, :]) - dist, 0.0)
@@ -56,18 +73,25 @@ def ped_dynamics(X: np.ndarray, y: np.ndarray, *, reference=None, dt: float = 0.
     ref = X if reference is None else reference
     mean = ref.mean(0)
     std = np.maximum(ref.std(0), eps)
-    Xs = (X - mean) / std  # new array
+    Xs = X - mean  # new array (scratch: _class_stats overwrites it)
+    Xs /= std
+    means, R = _class_stats(Xs, y)  # moving whole classes changes neither R nor anything but μ
+    del Xs
+    shift = np.zeros_like(means)
     first = None
     steps = 0
     while steps < max_steps:
-        disp, total = _step(Xs, y, dt, nsigma)
+        disp, total = _step(means, R, dt, nsigma)
         if first is None:
             first = total
         if first == 0 or total / first <= exit_ratio:
             break
-        Xs = Xs + disp[y]
+        means = means + disp
+        shift += disp
         steps += 1
-    return Xs * std + mean, steps
+    Xm = (shift * std)[y]  # (X_std + Σ disp[y]) · std + mean = X + (Σ disp · std)[y], formed once
+    Xm += X
+    return Xm, steps
 
 
 @register(
@@ -88,4 +112,6 @@ def ped(X, y, *, probs=None, seed: int = 0, base: str = "sfda", reference=None, 
             raise DataError(f"ped: reference features have {ref.shape[1]} dims, target features {X.shape[1]}")
         reference = ref
     Xm, _ = ped_dynamics(X, y, reference=reference, dt=dt, nsigma=nsigma, exit_ratio=exit_ratio, max_steps=max_steps)
-    return float(METRICS[base].impl(Xm, y, seed=seed, **base_opts))
+    with contextlib.nullcontext() if in_shared_pass() else shared_pass():
+        declare_class_translate(Xm, X, y)  # same within-class scatter as X: the base metric may reuse it
+        return float(METRICS[base].impl(Xm, y, seed=seed, **base_opts))

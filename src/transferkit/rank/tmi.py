@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 from scipy.spatial import cKDTree
-from scipy.spatial.distance import cdist
+from scipy.spatial.distance import cdist, pdist, squareform
 from scipy.special import digamma
 
 from ._base import register
@@ -42,8 +42,11 @@ def kl_entropy(Z: np.ndarray, k: int = 3, min_dist: float = 1.0, workers: int = 
         return float("nan")
     if d > 32:  # a k-d tree degenerates to brute force in high dimension: pairwise distances, in row blocks
         step = max(1, 4_000_000 // n)
-        kth = np.concatenate([np.partition(cdist(Z[i:i + step], Z, "chebyshev"), k, axis=1)[:, k]
-                              for i in range(0, n, step)])
+        if step >= n:  # one block: pdist computes each pair once (half of cdist's work; max-norm distances are exact)
+            kth = np.partition(squareform(pdist(Z, "chebyshev")), k, axis=1)[:, k]
+        else:
+            kth = np.concatenate([np.partition(cdist(Z[i:i + step], Z, "chebyshev"), k, axis=1)[:, k]
+                                  for i in range(0, n, step)])
     else:
         kth = cKDTree(Z).query(Z, k=k + 1, p=np.inf, workers=workers)[0][:, k]
     r = np.maximum(kth, min_dist)
