@@ -37,7 +37,7 @@ CONFIG = {
 
 if __name__ == "__main__":
     main(name="tune_vision", model="mobilenet-v2", tasks="fashion-mnist,opencv-digits",
-         methods="linear,full,lora,bitfit,unipt", per_class=60, epochs=8, size_opt="size", size=64,
+         methods="linear,full,lora,bitfit,ia3,sparse,unipt,sherl,r2", per_class=60, epochs=8, size_opt="size", size=64,
          config=CONFIG, seeds="0,1,2", doc=__doc__, val_fraction=0.2, lr_grid="1,3",
          mem_task="fashion-mnist", mem_methods="lora,full,unipt", mem_batch=32, mem_size=224,
          notes="Images resized to the size above (MobileNetV2 is pretrained at 224 px) to fit the CPU budget; "
