@@ -33,13 +33,14 @@ CONFIG = {
     "full": {"lr": 5e-4},
     "lora": {"r": 8, "alpha": 16},
     "unipt": {"r": 96},
+    "sherl": {"late_layers": 0},  # SHERL's late-layer regulariser needs a Hugging Face text encoder
 }
 
 if __name__ == "__main__":
     main(name="tune_vision", model="mobilenet-v2", tasks="fashion-mnist,opencv-digits",
          methods="linear,full,lora,bitfit,ia3,sparse,unipt,sherl,r2", per_class=60, epochs=8, size_opt="size", size=64,
          config=CONFIG, seeds="0,1,2", doc=__doc__, val_fraction=0.2, lr_grid="1,3",
-         mem_task="fashion-mnist", mem_methods="lora,full,unipt", mem_batch=32, mem_size=224,
+         mem_task="fashion-mnist", mem_methods="lora,full,unipt,sherl,r2", mem_batch=32, mem_size=224,
          notes="Images resized to the size above (MobileNetV2 is pretrained at 224 px) to fit the CPU budget; "
                "the test sets are the official test items drawn by the per-class sample (90 images for "
                "fashion-mnist, 240 for opencv-digits): one image is 0.4–1.1 pp. LoRA adapts every non-grouped "
