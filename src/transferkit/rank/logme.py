@@ -141,6 +141,29 @@ def logme_fit(X, y, *, regression: bool = False, max_iter: int = 11, tol: float 
     return _fit(F, Y, regression, max_iter, tol, pad_logdet)
 
 
+def _fixed_point(stats, N: int, K: int, max_iter: int, tol: float):
+    """α, β and iterations per target: α = γ/‖m‖², β = (N − γ)/‖y − Fm‖² until |Δt|/t ≤ tol (t = α/β).
+
+    ``stats(t, cols)`` returns γ, ‖m‖², ‖y − Fm‖² for the targets ``cols`` (a boolean mask) at ``t``.
+    """
+    alpha = np.ones(K)
+    beta = np.ones(K)
+    n_iter = np.zeros(K, dtype=np.int64)
+    active = np.ones(K, dtype=bool)
+    for _ in range(max_iter):
+        if not active.any():
+            break
+        a = active.copy()
+        t = alpha[a] / beta[a]
+        gamma, m2, res2 = stats(t, a)
+        alpha[a] = gamma / (m2 + _EPS)
+        beta[a] = (N - gamma) / (res2 + _EPS)
+        n_iter[a] += 1
+        done = np.abs(alpha[a] / beta[a] - t) / t <= tol
+        active[np.flatnonzero(a)[done]] = False
+    return alpha, beta, n_iter
+
+
 def _fit(F, Y, regression, max_iter, tol, pad_logdet) -> LogMEFit:
     if not regression:
         Y = one_hot(Y)
@@ -152,24 +175,7 @@ def _fit(F, Y, regression, max_iter, tol, pad_logdet) -> LogMEFit:
     sigma = (s**2)[:, None]
     x2 = xs**2
     r0 = np.clip((Y**2).sum(0) - x2.sum(0), 0.0, None)
-    K = Y.shape[1]
-    alpha = np.ones(K)
-    beta = np.ones(K)
-    n_iter = np.zeros(K, dtype=np.int64)
-    active = np.ones(K, dtype=bool)
-    for _ in range(max_iter):
-        if not active.any():
-            break
-        a = active
-        t = alpha[a] / beta[a]
-        gamma, m2, res2 = _stats(t, sigma, x2[:, a], r0[a])
-        alpha[a] = gamma / (m2 + _EPS)
-        beta[a] = (N - gamma) / (res2 + _EPS)
-        n_iter[a] += 1
-        t_new = alpha[a] / beta[a]
-        done = np.abs(t_new - t) / t <= tol
-        idx = np.flatnonzero(a)
-        active[idx[done]] = False
+    alpha, beta, n_iter = _fixed_point(lambda t, a: _stats(t, sigma, x2[:, a], r0[a]), N, Y.shape[1], max_iter, tol)
     t = alpha / beta
     _, m2, res2 = _stats(t, sigma, x2, r0)
     ev = log_evidence(alpha, beta, sigma, m2, res2, N, D, pad_logdet=pad_logdet)
@@ -214,24 +220,7 @@ def _fit_centred(F, Y, max_iter, tol) -> LogMEFit:
     """The fixed point of :func:`_fit` for N > D from the shared centred eigensystem (rank-one update)."""
     N, D = F.shape
     R = _Rank1Resolvent(F, Y)
-    K = Y.shape[1]
-    alpha = np.ones(K)
-    beta = np.ones(K)
-    n_iter = np.zeros(K, dtype=np.int64)
-    active = np.ones(K, dtype=bool)
-    for _ in range(max_iter):
-        if not active.any():
-            break
-        a = active
-        t = alpha[a] / beta[a]
-        gamma, m2, res2, _, _ = R.stats(t, a)
-        alpha[a] = gamma / (m2 + _EPS)
-        beta[a] = (N - gamma) / (res2 + _EPS)
-        n_iter[a] += 1
-        t_new = alpha[a] / beta[a]
-        done = np.abs(t_new - t) / t <= tol
-        idx = np.flatnonzero(a)
-        active[idx[done]] = False
+    alpha, beta, n_iter = _fixed_point(lambda t, a: R.stats(t, a)[:3], N, Y.shape[1], max_iter, tol)
     t = alpha / beta
     _, m2, res2, logdet, m = R.stats(t)
     logdet_A = D * np.log(beta) + logdet  # A = β(FᵀF + tI)
