@@ -36,6 +36,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from transferkit.io import write_text
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 MODEL = "mobilenet-v2"
@@ -296,8 +298,8 @@ def report(settings: list[dict], args, seeds: list[int], device, t_start: float 
     if old and prev.is_file() and "\n## Notes" in prev.read_text():  # a re-render keeps the hand-written notes
         text += prev.read_text()[prev.read_text().index("\n## Notes"):]
     args.out.mkdir(parents=True, exist_ok=True)
-    write_atomic(args.out / "merge_robust.json", json.dumps(result, indent=2, default=str) + "\n")
-    write_atomic(args.out / "merge_robust.md", text)
+    write_text(args.out / "merge_robust.json", json.dumps(result, indent=2, default=str) + "\n")
+    write_text(args.out / "merge_robust.md", text)
     return text
 
 
@@ -354,12 +356,6 @@ def main(argv=None) -> int:
             text = report(settings, args, seeds, device, t_start, argv)  # written after every setting
     print(text)
     return 0
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 if __name__ == "__main__":

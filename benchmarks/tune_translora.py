@@ -36,6 +36,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from transferkit.io import write_text
+
 CACHE_VERSION = 1
 # arguments that change a seed's results (the cache key); --seeds, --out, --cache, --threads do not
 KEY_ARGS = ("data", "per_class", "source", "target", "max_length", "n_seed", "n_synthetic", "source_epochs",
@@ -44,18 +46,6 @@ FILTER_KEYS = ("n_seed", "n_pool", "n_kept", "disc_train_accuracy", "disc_seed_p
                "kept_p_real", "passed_0.5", "teacher_seed_accuracy", "test_agreement")
 TEACHER, TL, NOFILTER, SEED_ONLY, FULL = ("source LoRA (teacher)", "translora", "translora-nofilter",
                                           "seed-only LoRA", "target-full-data LoRA (reference)")
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def cache_file(args, seed: int) -> Path:
@@ -240,7 +230,7 @@ def main() -> None:
                 source = load_model(args.source, max_length=args.max_length)
                 target = load_model(args.target, max_length=args.max_length)
             run = run_seed(seed, args, source, target)
-            write_atomic(cf, json.dumps(run, indent=2) + "\n")
+            write_text(cf, json.dumps(run, indent=2) + "\n")
         runs.append(run)
 
     env = [f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}"] if "OMP_NUM_THREADS" in os.environ else []
@@ -259,8 +249,8 @@ def main() -> None:
     out = Path(args.out)
     name = "tune_translora" + ("_quick" if args.quick else "")
     md = markdown(doc)
-    write_atomic(out / f"{name}.json", json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
-    write_atomic(out / f"{name}.md", md)
+    write_text(out / f"{name}.json", json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
+    write_text(out / f"{name}.md", md)
     print(md)
 
 
