@@ -190,8 +190,18 @@ def run_setting(zm, ds, sigma: float, seed: int, args, device) -> dict:
                 "compression_vs_model": round(4 * n_model / sig.nbytes(True), 1)} for L, sig in sigs.items()}}
 
 
-def summarise(settings: list[dict], margin: float) -> dict:
-    """Per σ: every row averaged over seeds (same row names in every seed), and the target check on the means."""
+def recipe_name(spec: str) -> str:
+    """``LAYERS:ALPHA`` (e.g. ``all:0.25``) → the row name of that patch with the fine-tuned BN statistics kept."""
+    layers, alpha = spec.split(":")
+    tag = "all layers" if layers == "all" else f"{int(layers)} layers"
+    return f"θ_clean + {float(alpha):g}·RWS ({tag})"
+
+
+def summarise(settings: list[dict], margin: float, declared: str | None = None) -> dict:
+    """Per σ: every row averaged over seeds (same row names in every seed), and the target check on the means.
+
+    ``declared``: the row name of a recipe fixed before the run (``--recipe``), scored per seed and on the mean.
+    """
     out = {}
     for sigma in sorted({s["sigma"] for s in settings}):
         runs = [s for s in settings if s["sigma"] == sigma]
@@ -228,12 +238,21 @@ def summarise(settings: list[dict], margin: float) -> dict:
                              "recipe": recipe, "recipe_met": bool(recipe and recipe["noisy_gain_pp"] > 10
                                                                   and recipe["clean_change_pp"] > -2),
                              "oracle_met": bool(good), "best_within_clean_limit": best, "smallest_clean_cost": cheapest}
+        if declared:
+            per = [next(r for r in s["rows"] if r["model"] == declared) for s in runs]
+            cc, ng = [r["clean_change_pp"] for r in per], [r["noisy_gain_pp"] for r in per]
+            out[f"{sigma:g}"]["declared"] = {
+                "model": declared, "seeds": [s["seed"] for s in runs], "clean_change_pp": cc, "noisy_gain_pp": ng,
+                "mean_clean_change_pp": float(np.mean(cc)), "mean_noisy_gain_pp": float(np.mean(ng)),
+                "seeds_met": int(sum(g > 10 and c > -2 for c, g in zip(cc, ng))),
+                "met": bool(np.mean(ng) > 10 and np.mean(cc) > -2)}
     return out
 
 
 def report(settings: list[dict], args, seeds: list[int], device, t_start: float | None, argv, old=None) -> str:
     """Summarise the settings done so far and write merge_robust.{json,md} (atomically); returns the markdown."""
-    summary = summarise(settings, args.val_margin)
+    declared = recipe_name(args.recipe) if args.recipe else None
+    summary = summarise(settings, args.val_margin, declared)
     hardware = old["device"] if old else (torch.cuda.get_device_name(device) if device.type == "cuda"
                                           else f"CPU, {args.threads} thread(s)")
     result = {
@@ -244,7 +263,9 @@ def report(settings: list[dict], args, seeds: list[int], device, t_start: float 
         "runs": settings, "summary": summary, "seconds": old["seconds"] if old else round(time.perf_counter() - t_start, 1),
         "target": {"text": "corrupted accuracy +10 pp at < 2 pp clean cost (mean over seeds)",
                    "met_at_sigma": {k: v["met"] for k, v in summary.items()},
-                   "recipe_met_at_sigma": {k: v["recipe_met"] for k, v in summary.items()}},
+                   "recipe_met_at_sigma": {k: v["recipe_met"] for k, v in summary.items()},
+                   **({"declared_recipe": declared, "declared_met_at_sigma": {
+                       k: v["declared"]["met"] for k, v in summary.items()}} if declared else {})},
     }
     first = settings[0]
     sig_text = "; ".join(
@@ -291,15 +312,23 @@ def report(settings: list[dict], args, seeds: list[int], device, t_start: float 
                f"patch per seed, mean over seeds — **{'met' if s['met'] else 'missed'}**. One recipe for all seeds, "
                f"chosen on the validation means (same margin; rule added after the per-seed rule's result): {recipe}. "
                f"Oracle view (rows of the table above, chosen on test means — not a result): {detail}."), ""]
+        if d := s.get("declared"):
+            md += [f"**Pre-declared recipe** (`--recipe {args.recipe}`, fixed before this run from an earlier run's "
+                   f"seeds): {d['model']}, BN statistics kept — test clean change / noisy gain per seed: " + ", ".join(
+                       f"seed {sd_} {c:+.1f} / {g:+.1f} pp" for sd_, c, g in zip(d["seeds"], d["clean_change_pp"],
+                                                                                d["noisy_gain_pp"]))
+                   + f"; mean {d['mean_clean_change_pp']:+.1f} pp clean / {d['mean_noisy_gain_pp']:+.1f} pp noisy → "
+                   f"**{'met' if d['met'] else 'missed'}** on the mean; target met in {d['seeds_met']} of "
+                   f"{len(d['seeds'])} seeds.", ""]
     if sd_note := ("± = standard deviation over seeds." if len(seeds) > 1 else ""):
         md.append(sd_note)
     text = "\n".join(md) + "\n"
-    prev = args.out / "merge_robust.md"
+    prev = args.out / f"{args.stem}.md"
     if old and prev.is_file() and "\n## Notes" in prev.read_text():  # a re-render keeps the hand-written notes
         text += prev.read_text()[prev.read_text().index("\n## Notes"):]
     args.out.mkdir(parents=True, exist_ok=True)
-    write_text(args.out / "merge_robust.json", json.dumps(result, indent=2, default=str) + "\n")
-    write_text(args.out / "merge_robust.md", text)
+    write_text(args.out / f"{args.stem}.json", json.dumps(result, indent=2, default=str) + "\n")
+    write_text(args.out / f"{args.stem}.md", text)
     return text
 
 
@@ -322,22 +351,29 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "transferkit" / "derived" / "merge_robust")
-    ap.add_argument("--out", type=Path, default=RESULTS, help="folder for merge_robust.{json,md}")
+    ap.add_argument("--out", type=Path, default=RESULTS, help="folder for STEM.{json,md}")
+    ap.add_argument("--stem", default="merge_robust", help="file name of the results (without suffix)")
+    ap.add_argument("--recipe", help="LAYERS:ALPHA of a patch fixed before the run (BN kept), e.g. all:0.25; "
+                    "reported per seed and checked against the target on the mean")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--render", type=Path, help="rewrite the markdown (and JSON summary) of this result JSON; no training")
     args = ap.parse_args(argv)
     if args.render:
         old = json.loads(args.render.read_text())
         for k, v in old["settings"].items():
-            if k not in ("render", "out", "quick"):
+            if k not in ("render", "out", "quick", "stem"):
                 setattr(args, k, Path(v) if k == "cache" else v)
-        args.out = args.render.parent
+        args.out, args.stem = args.render.parent, args.render.stem
         print(report(old["runs"], args, [int(x) for x in str(args.seeds).split(",")], None, None, None, old=old))
         return 0
     if args.quick:
         args.per_class, args.epochs, args.size = 8, 1, 32
         args.cache, args.out = Path("/tmp/merge_robust_quick"), Path("/tmp")
     args.alpha_list = [float(a) for a in args.alphas.split(",")]
+    if args.recipe:  # the declared patch must be among the rows the run evaluates
+        layers, alpha = args.recipe.split(":")
+        if layers not in [x.strip() for x in args.layers.split(",")] or float(alpha) not in args.alpha_list:
+            ap.error(f"--recipe {args.recipe}: its layers and alpha must be in --layers and --alphas")
     sigmas = [float(s) for s in args.sigmas.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -84,8 +84,8 @@ def test_lora_tuned_on_gpu_applies_exactly_on_cpu(tiny_bert_dir, sentiment_csv, 
 
     ds = load_dataset(str(sentiment_csv))
     model = load_model(str(tiny_bert_dir))
-    res = tune(model, ds, ds, method="lora", config={"r": 4, "epochs": 2, "lr": 5e-3}, out_dir=tmp_path, progress=False)
-    assert res.metrics["test_accuracy"] > 0.5
+    res = tune(model, ds, ds, method="lora", config={"r": 4, "epochs": 4, "lr": 1e-2}, out_dir=tmp_path, progress=False)
+    assert res.metrics["test_accuracy"] > 0.9  # learns (2 epochs at 5e-3 sat at chance from some head starts)
     clf = model.classifier(len(ds.classes), seed=0)
     clf.backbone = copy.deepcopy(model.backbone)
     apply(clf, res.delta)  # the Delta a GPU run saved, applied to the CPU base
