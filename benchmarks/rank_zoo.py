@@ -15,6 +15,9 @@ accuracy after (a) full fine-tuning with a small lr grid (``tune(method="full")`
 tune's validation split) and (b) a linear probe on frozen features (C chosen on a validation split).
 Both are cached under the transferkit cache, so re-runs only redo the cheap parts. Reported: τ_w
 (``scipy.stats.weightedtau``), Pearson, rel@1 and regret per metric and target, and the mean τ_w.
+Two auto-ranker rows aggregate the rankings of ``DEFAULT_METRICS`` (``transferkit.rank.auto``):
+``auto`` (mean normalised rank) and ``auto_consensus`` (weights learned without labels from the
+metrics' agreement, Parisi et al., PNAS 2014); the report compares both with the best single metric.
 
 CPU budget: on the shared 2-core machine the ImageNet CNNs run at ``--image-size`` (default 96 px
 instead of 224/240/260 — about 5× cheaper to extract and fine-tune; the choice applies to metrics
@@ -26,7 +29,8 @@ threads competing with other jobs the metrics ran ~10× slower (thread oversubsc
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/rank_zoo.py              # ≈ 25 min cold, ≈ 3 min cached
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/rank_zoo.py --quick      # smaller, for a smoke run
 
-Writes benchmarks/results/rank_zoo.json and rank_zoo.md.
+Writes benchmarks/results/rank_zoo.json and rank_zoo.md. ``--report-only`` re-reads ``<out>/rank_zoo.json``,
+recomputes both auto rows from the stored per-metric scores (no features, no training) and rewrites both files.
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ CHECKPOINTS = [("minilm-l6@vader-tweets", "all-minilm-l6-v2", "vader:tweets"),
                ("minilm-l6@vader-nyt", "all-minilm-l6-v2", "vader:nyt"),
                ("minilm-l3@vader-tweets", "paraphrase-minilm-l3-v2", "vader:tweets")]
 SET_LEVEL = ["etran", "ncti"]
+AUTO_ROWS = {"auto": "mean_rank", "auto_consensus": "consensus"}  # row name -> aggregate_ranks method
 
 
 def log(msg: str) -> None:
@@ -109,6 +114,61 @@ def build_checkpoints(args) -> dict[str, object]:
     return out
 
 
+# -------------------------------------------------------------------------------------------- auto rows
+def auto_rows(scores: dict[str, dict], models: list[str]) -> tuple[dict[str, dict], dict[str, dict]]:
+    """The auto-ranker rows from the per-metric scores of ``DEFAULT_METRICS``: ({row: {model: score}},
+    {row: {"method", "weights", "weights_note", "skipped"}})."""
+    from transferkit.rank.auto import DEFAULT_METRICS, aggregate_ranks
+
+    missing = [k for k in DEFAULT_METRICS if k not in scores]
+    if missing:
+        raise SystemExit(f"rank_zoo: no per-model scores for {', '.join(missing)}; cannot compute the auto rows")
+    rows, info = {}, {}
+    for row, method in AUTO_ROWS.items():
+        agg = aggregate_ranks({k: scores[k] for k in DEFAULT_METRICS}, list(models), method=method)
+        rows[row] = {m: v for m, v in agg["scores"].items() if math.isfinite(v)}
+        info[row] = {"method": method, "weights": agg["weights"], "weights_note": agg["weights_note"],
+                     "skipped": agg["skipped"]}
+    return rows, info
+
+
+def recompute_auto(doc: dict) -> list[str]:
+    """``--report-only``: recompute the auto rows and their evaluation from the stored per-metric scores and
+    ground truth. Returns reproduction problems: the stored ``auto`` row differing from the recomputed one."""
+    from transferkit.rank.auto import DEFAULT_METRICS
+    from transferkit.rank.runner import evaluation
+
+    problems = []
+    for zoo, z in doc["zoos"].items():
+        for r in z["targets"]:
+            rows, info = auto_rows(r["scores"], z["models"])
+            old = r["scores"].get("auto")
+            if old is not None and (set(old) != set(rows["auto"])
+                                    or max(abs(old[m] - rows["auto"][m]) for m in old) > 1e-12):
+                problems.append(f"{zoo}/{r['target']}: stored auto scores differ from the recomputed ones")
+            old_ev = {p: r["evaluation"][p].get("auto") for p in doc["ground_truth"]}
+            r["scores"].update(rows)
+            r["auto_rows"] = info
+            secs = r.get("seconds", {}).get("metrics")
+            if secs is not None:
+                for row in rows:
+                    secs[row] = sum(secs.get(k, 0.0) for k in DEFAULT_METRICS)
+            notes: list[str] = []
+            for p in doc["ground_truth"]:
+                ev = evaluation(rows, r["ground_truth"][p], notes)
+                if old_ev[p] is not None and ev.get("auto") != old_ev[p]:
+                    problems.append(f"{zoo}/{r['target']}/{p}: stored auto evaluation differs from the recomputed one")
+                r["evaluation"][p].update(ev)
+            r["notes"] = sorted(set(r["notes"]) | set(notes))
+    return problems
+
+
+def best_single(s: dict) -> str | None:
+    """The single metric (not an auto row) with the best mean τ_w in one ground truth's summary."""
+    single = {k: v["mean_tau_w"] for k, v in s.items() if k not in AUTO_ROWS and v["mean_tau_w"] is not None}
+    return max(single, key=lambda k: single[k]) if single else None
+
+
 # -------------------------------------------------------------------------------------------- one target
 def timed_features(model, ds):
     """Features (cached) and the seconds their extraction took (measured once, remembered on disk)."""
@@ -130,7 +190,7 @@ def timed_features(model, ds):
 def run_target(target: str, models: dict, args, per_class: int, ft_cfg: dict, lrs: list[float]) -> dict:
     from transferkit.data import load_dataset, train_test_split
     from transferkit.rank import METRICS, rank_features
-    from transferkit.rank.auto import DEFAULT_METRICS, aggregate_ranks
+    from transferkit.rank.auto import DEFAULT_METRICS
     from transferkit.rank.groundtruth import measure
     from transferkit.rank.runner import _set_level
 
@@ -150,9 +210,10 @@ def run_target(target: str, models: dict, args, per_class: int, ft_cfg: dict, lr
     notes = sorted({f"{s['metric']}: {s['reason']}" for s in ranked["skipped"]})
     for k in SET_LEVEL:
         scores[k], metric_s[k] = _set_level(k, feats, args.seed, notes, {})
-    agg = aggregate_ranks({k: scores[k] for k in DEFAULT_METRICS}, list(models))
-    scores["auto"] = {m: v for m, v in agg["scores"].items() if math.isfinite(v)}
-    metric_s["auto"] = sum(metric_s[k] for k in DEFAULT_METRICS)
+    rows, auto_info = auto_rows(scores, list(models))
+    scores.update(rows)
+    for row in rows:
+        metric_s[row] = sum(metric_s[k] for k in DEFAULT_METRICS)
     probs: dict[str, dict] = {"finetune": {}, "linear": {}}
     truth: dict[str, dict] = {"finetune": {}, "linear": {}}
     gt_s: dict[str, dict] = {"finetune": {}, "linear": {}}
@@ -191,7 +252,7 @@ def run_target(target: str, models: dict, args, per_class: int, ft_cfg: dict, lr
     return {"target": target, "n_train": len(train), "n_test": len(test), "classes": len(ds.classes),
             "majority": majority, "scores": scores, "ground_truth": truth, "ground_truth_runs": runs,
             "evaluation": evals, "ensembles": ensembles, "seconds": {"features": feat_s, "metrics": metric_s, "ground_truth": gt_s},
-            "notes": notes}
+            "auto_rows": auto_info, "notes": notes}
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -267,6 +328,7 @@ def markdown(doc: dict) -> str:
                              f"{fmt(s[k]['mean_regret'])} |")
             lines += ["", "— = undefined (the metric gave every candidate the same score), counted as 0 in the mean; "
                       "n/a = not applicable to this zoo (needs a source head).", ""]
+        lines += auto_section(doc, z)
     for zoo, z in doc["zoos"].items():
         rows = []
         for r in z["targets"]:
@@ -283,6 +345,42 @@ def markdown(doc: dict) -> str:
                       "|---|---|---|---|---|---|---|", *rows, ""]
     lines += ["## Notes", ""] + [f"- {n}" for n in doc.get("notes", [])]
     return "\n".join(lines) + "\n"
+
+
+def auto_section(doc: dict, z: dict) -> list[str]:
+    """Markdown: the auto rows vs the best single metric (by mean τ_w) per ground truth, and the consensus
+    weights per target."""
+    targets = [r["target"] for r in z["targets"]]
+    rows = []
+    for proto in doc["ground_truth"]:
+        s = z["summary"][proto]
+        best = best_single(s)
+        gt = "fine-tune" if proto == "finetune" else "linear probe"
+        for k, label in [*((row, f"{row} ({method})") for row, method in AUTO_ROWS.items()),
+                         (best, f"best single metric: {best}")]:
+            if k in s and s[k].get("applicable", True):
+                rows.append(f"| {gt} | {label} | " + " | ".join(fmt(s[k]["per_target"][t]) for t in targets) +
+                            f" | **{fmt(s[k]['mean_tau_w'])}** |")
+    if not rows:
+        return []
+    lines = ["### Auto ranker vs the best single metric (τ_w)", "",
+             ("The best single metric is the one with the best mean τ_w over these targets for that ground truth "
+              "(chosen with the labels, so it is an upper reference, not a pick the user could make)."), "",
+             "| ground truth | row | " + " | ".join(targets) + " | mean τ_w |", "|---|---|" + "---|" * (len(targets) + 1), *rows, ""]
+    infos = [(r["target"], (r.get("auto_rows") or {}).get("auto_consensus")) for r in z["targets"]]
+    if all(i is not None for _, i in infos):
+        from transferkit.rank.auto import DEFAULT_METRICS
+
+        lines += [("Consensus weights (learned without labels from the Spearman correlations of the metrics over "
+                   f"the {len(z['models'])} models; — = not in the consensus):"), "",
+                  "| target | " + " | ".join(DEFAULT_METRICS) + " | note |", "|---|" + "---|" * (len(DEFAULT_METRICS) + 1)]
+        for t, i in infos:
+            notes = [i["weights_note"]] if i["weights_note"] else []
+            notes += [f"{s['metric']}: {s['reason']}" for s in i["skipped"]]
+            lines.append(f"| {t} | " + " | ".join(fmt(i["weights"].get(k)) for k in DEFAULT_METRICS) +
+                         f" | {'; '.join(notes) or '—'} |")
+        lines.append("")
+    return lines
 
 
 def main() -> None:
@@ -313,6 +411,9 @@ def main() -> None:
         from transferkit.io import write_json, write_text
 
         doc = json.loads((args.out / "rank_zoo.json").read_text())
+        problems = recompute_auto(doc)
+        for msg in problems:
+            log(f"WARNING: {msg}")
         for z in doc["zoos"].values():
             z["summary"] = summarise("", z["targets"], doc["ground_truth"])
         doc["notes"] = sorted({n for z in doc["zoos"].values() for r in z["targets"] for n in r["notes"]})
@@ -360,6 +461,9 @@ def main() -> None:
             print(f"\n{zoo} zoo — mean weighted tau vs {proto} ground truth")
             for k, v in sorted(s[proto].items(), key=lambda kv: -(kv[1]["mean_tau_w"] if kv[1]["mean_tau_w"] is not None else -9)):
                 print(f"  {k:18s} " + "  ".join(fmt(x) for x in v["per_target"].values()) + f"   mean {fmt(v['mean_tau_w'])}")
+            best = best_single(s[proto])
+            print("  " + ", ".join(f"{row} {fmt(s[proto][row]['mean_tau_w'])}" for row in AUTO_ROWS if row in s[proto])
+                  + (f" vs best single metric {best} {fmt(s[proto][best]['mean_tau_w'])}" if best else ""))
     doc["seconds_total"] = time.perf_counter() - t_start
     doc["notes"] = sorted({n for z in doc["zoos"].values() for r in z["targets"] for n in r["notes"]})
     write_json(args.out / "rank_zoo.json", doc)

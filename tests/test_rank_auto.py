@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from scipy.stats import rankdata
 
 from transferkit.errors import ConfigError, DataError
 from transferkit.features import Features
@@ -115,3 +116,112 @@ def test_not_a_registry_metric_and_bad_input(zoo):
         aggregate_ranks({"m": {"a": 1, "b": 0}}, method="vote")
     with pytest.raises(DataError):
         aggregate_ranks({})
+
+
+# ---------------------------------------------------------------------------------- method="consensus"
+def _from_order(order, transform=float):
+    """Scores (higher = better) that rank the models in ``order`` (best first)."""
+    return {m: transform(len(order) - i) for i, m in enumerate(order)}
+
+
+def test_consensus_drops_a_reversed_metric_that_pulls_mean_rank():
+    """Three metrics agree (up to one swap); a fourth ranks nearly backwards. Consensus gives the fourth
+    weight 0 and returns the agreeing order; mean_rank is pulled by it (b overtakes a)."""
+    agree = ["a", "b", "c", "d", "e", "f"]
+    sc = {"m1": _from_order(agree), "m2": _from_order(["b", "a", "c", "d", "e", "f"], lambda v: 10 * v - 3),
+          "m3": _from_order(agree, np.exp), "rev": _from_order(["f", "e", "d", "b", "c", "a"])}
+    three = aggregate_ranks({k: sc[k] for k in ("m1", "m2", "m3")})
+    assert three["ranking"] == agree  # the agreeing order
+    mean = aggregate_ranks(sc)
+    assert mean["ranking"][:2] == ["b", "a"] and mean["ranking"] != agree  # pulled toward "rev"
+    cons = aggregate_ranks(sc, method="consensus")
+    assert cons["ranking"] == agree
+    assert cons["weights"]["rev"] == 0.0
+    assert all(cons["weights"][k] > 0.2 for k in ("m1", "m2", "m3"))
+    assert sum(cons["weights"].values()) == pytest.approx(1.0)
+    assert cons["used"] == ["m1", "m2", "m3", "rev"] and cons["weights_note"] is None
+    # the other methods report the weights they used
+    assert mean["weights"] == {k: 0.25 for k in sc}
+    assert aggregate_ranks(sc, weights={"m1": 3.0})["weights"] == {"m1": 0.5, "m2": 1 / 6, "m3": 1 / 6, "rev": 1 / 6}
+
+
+def _noisy_metrics(seed=3, n_models=9):
+    rng = np.random.default_rng(seed)
+    truth = rng.normal(size=n_models)
+    models = [f"model{i}" for i in range(n_models)]
+    sc = {}
+    for j, noise in enumerate((0.3, 0.6, 1.0, 1.5)):
+        sc[f"m{j}"] = dict(zip(models, truth + noise * rng.normal(size=n_models)))
+    sc["m3"] = {m: float(np.round(v)) for m, v in sc["m3"].items()}  # coarse: tied ranks
+    sc["anti"] = dict(zip(models, -truth + 0.5 * rng.normal(size=n_models)))
+    return sc, models
+
+
+def test_consensus_weights_match_power_iteration():
+    from scipy.stats import spearmanr
+
+    sc, models = _noisy_metrics()
+    res = aggregate_ranks(sc, models, method="consensus")
+    names = list(sc)
+    C = spearmanr(np.array([[sc[k][m] for m in models] for k in names]).T).correlation
+    v = np.ones(len(names))
+    for _ in range(5000):  # C is PSD: power iteration converges to the leading eigenvector
+        v = C @ v
+        v /= np.linalg.norm(v)
+    v = -v if v.sum() < 0 else v
+    w = np.clip(v, 0, None) / np.clip(v, 0, None).sum()
+    assert w[names.index("anti")] == 0.0 and (w[:4] > 0).all()  # the case exercises clipping
+    assert [res["weights"][k] for k in names] == pytest.approx(list(w), abs=1e-9)
+    # auto(m) = Σ_j w_j ρ_j(m), ρ_j the normalised ranks
+    rho = {k: dict(zip(models, (rankdata([sc[k][m] for m in models]) - 1) / (len(models) - 1))) for k in names}
+    expect = {m: sum(w[i] * rho[k][m] for i, k in enumerate(names)) for m in models}
+    assert res["scores"] == pytest.approx(expect, abs=1e-12)
+    assert res["ranking"] == sorted(models, key=lambda m: (-expect[m], m))
+
+
+def test_consensus_invariant_to_metric_order_and_monotone_transforms():
+    sc, models = _noisy_metrics(seed=5)
+    res = aggregate_ranks(sc, models, method="consensus")
+    rev = aggregate_ranks(dict(reversed(list(sc.items()))), list(reversed(models)), method="consensus")
+    assert rev["weights"] == pytest.approx(res["weights"], abs=1e-12)
+    assert rev["scores"] == pytest.approx(res["scores"], abs=1e-12) and rev["ranking"] == res["ranking"]
+    mono = dict(sc, m2={m: np.exp(3 * v) - 5 for m, v in sc["m2"].items()})
+    tr = aggregate_ranks(mono, models, method="consensus")
+    assert tr["weights"] == pytest.approx(res["weights"], abs=1e-12) and tr["ranking"] == res["ranking"]
+    # ... whereas changing one metric's order does change the weights
+    other = dict(sc, m2={m: -v for m, v in sc["m2"].items()})
+    assert aggregate_ranks(other, models, method="consensus")["weights"] != pytest.approx(res["weights"])
+
+
+def test_consensus_incomplete_constant_and_too_few_metrics():
+    sc, models = _noisy_metrics(seed=7)
+    partial = dict(sc, partial={m: v for m, v in sc["m0"].items() if m != models[0]})
+    res = aggregate_ranks(partial, models, method="consensus")
+    assert "partial" not in res["weights"] and "partial" not in res["used"] and "partial" not in res["normalised"]
+    assert any(s["metric"] == "partial" and "every model" in s["reason"] for s in res["skipped"])
+    assert res["weights"] == pytest.approx(aggregate_ranks(sc, models, method="consensus")["weights"])
+    assert "partial" in aggregate_ranks(partial, models)["used"]  # mean_rank still lets it vote
+    # a metric constant over the models gets weight 0
+    const = aggregate_ranks(dict(sc, flat={m: 1.0 for m in models}), models, method="consensus")
+    assert const["weights"]["flat"] == 0.0 and "constant over the models, weight 0: flat" in const["weights_note"]
+    # fewer than 3 complete metrics: equal weights and a note (the eigenvector of two anti-correlated
+    # metrics would give all the weight to one of them)
+    two = {"m0": sc["m0"], "anti": sc["anti"], "partial": partial["partial"]}
+    res = aggregate_ranks(two, models, method="consensus")
+    assert res["weights"] == {"m0": 0.5, "anti": 0.5}
+    assert "equal weights" in res["weights_note"] and "2 metric" in res["weights_note"]
+    assert any(s["metric"] == "partial" for s in res["skipped"])
+
+
+def test_consensus_rejects_user_weights(zoo):
+    sc = {"m1": {"a": 1, "b": 0}, "m2": {"a": 0, "b": 1}, "m3": {"a": 1, "b": 0}}
+    with pytest.raises(ConfigError, match="consensus"):
+        aggregate_ranks(sc, method="consensus", weights={"m1": 2.0})
+    with pytest.raises(ConfigError, match="consensus"):
+        auto_rank(zoo, ["logme", "sfda", "leep"], method="consensus", weights={"logme": 2.0})
+
+
+def test_consensus_on_features(zoo):
+    res = auto_rank(zoo, ["logme", "sfda", "nleep", "leep"], method="consensus")
+    assert res["ranking"] == [f"s{s}" for s in reversed(SHIFTS)]
+    assert set(res["weights"]) == set(res["used"]) and sum(res["weights"].values()) == pytest.approx(1.0)
