@@ -417,9 +417,15 @@ def main() -> None:
         for z in doc["zoos"].values():
             z["summary"] = summarise("", z["targets"], doc["ground_truth"])
         doc["notes"] = sorted({n for z in doc["zoos"].values() for r in z["targets"] for n in r["notes"]})
+        md = markdown(doc)
+        prev = args.out / "rank_zoo.md"
+        if prev.is_file() and "\n## Notes" in prev.read_text():  # keep the hand-written notes of the old file
+            generated = set(md[md.index("\n## Notes"):].splitlines())
+            kept = [ln for ln in prev.read_text().split("\n## Notes", 1)[1].splitlines() if ln not in generated]
+            md = md.rstrip("\n") + "\n" + "\n".join(ln for ln in kept if ln.strip()) + "\n"
         write_json(args.out / "rank_zoo.json", doc)
-        write_text(args.out / "rank_zoo.md", markdown(doc))
-        print(markdown(doc))
+        write_text(args.out / "rank_zoo.md", md)
+        print(md)
         return
     if args.quick:
         args.image_targets = ",".join(args.image_targets.split(",")[:2])
