@@ -136,6 +136,7 @@ def recompute_auto(doc: dict) -> list[str]:
     """``--report-only``: recompute the auto rows and their evaluation from the stored per-metric scores and
     ground truth. Returns reproduction problems: the stored ``auto`` row differing from the recomputed one."""
     from transferkit.rank.auto import DEFAULT_METRICS
+    from transferkit.rank.groundtruth import grid_edge_notes
     from transferkit.rank.runner import evaluation
 
     problems = []
@@ -159,6 +160,8 @@ def recompute_auto(doc: dict) -> list[str]:
                 if old_ev[p] is not None and ev.get("auto") != old_ev[p]:
                     problems.append(f"{zoo}/{r['target']}/{p}: stored auto evaluation differs from the recomputed one")
                 r["evaluation"][p].update(ev)
+            notes += [f"{r['target']} / {p}: {n}" for p in doc["ground_truth"]
+                      for n in grid_edge_notes(r["ground_truth_runs"][p])]
             r["notes"] = sorted(set(r["notes"]) | set(notes))
     return problems
 
@@ -191,7 +194,7 @@ def run_target(target: str, models: dict, args, per_class: int, ft_cfg: dict, lr
     from transferkit.data import load_dataset, train_test_split
     from transferkit.rank import METRICS, rank_features
     from transferkit.rank.auto import DEFAULT_METRICS
-    from transferkit.rank.groundtruth import measure
+    from transferkit.rank.groundtruth import grid_edge_notes, measure
     from transferkit.rank.runner import _set_level
 
     n_train = per_class // 2 if args.test_per_class else per_class - per_class // 2
@@ -234,6 +237,7 @@ def run_target(target: str, models: dict, args, per_class: int, ft_cfg: dict, lr
 
     for proto in args.ground_truth:
         evals[proto] = evaluation(scores, truth[proto], notes)
+        notes += [f"{target} / {proto}: {n}" for n in grid_edge_notes(runs[proto])]
     ensembles = {}
     if "finetune" in args.ground_truth:
         from transferkit.rank.ensemble import ensemble_accuracy

@@ -124,10 +124,28 @@ def test_finetune_ground_truth_uses_tune_full_and_caches(tiny_bert_dir, sentimen
     np.testing.assert_allclose(res["test_probs"].sum(1), 1.0, atol=1e-5)
     again = gt.measure(str(tiny_bert_dir), train, test, protocol="finetune", config={"epochs": 1}, lrs=[1e-3, 1e-4])
     assert again["cached"] and calls == ["full", "full"]
+    (note,) = gt.grid_edge_notes({"m": res})  # a 2-value grid: the choice is always at an edge
+    assert note.startswith("ground truth: 1 of 1 candidates chose the ") and "lr of the grid (0.0001, 0.001): m" in note
     with pytest.raises(ConfigError, match="unknown ground truth"):
         gt.measure(str(tiny_bert_dir), train, test, protocol="nope")
     with pytest.raises(ConfigError, match="layers"):
         gt.measure(str(tiny_bert_dir), train, test, protocol="finetune", tap="model.encoder.layer.0")
+
+
+def test_grid_edge_notes_name_the_candidates_at_each_edge():
+    def run(param, value, grid):
+        return {"selected": {param: value}, "grid": [{param: g} for g in grid]}
+
+    lrs = (3e-3, 1e-3, 3e-4)
+    runs = {"a": run("lr", 3e-4, lrs), "b": run("lr", 1e-3, lrs), "c": run("lr", 3e-4, lrs), "d": run("lr", 3e-3, lrs),
+            "e": run("C", 10.0, (0.1, 1.0, 10.0)), "f": run("lr", 1e-3, (1e-3,))}  # f: a 1-value grid, no edge
+    notes = gt.grid_edge_notes(runs)
+    assert len(notes) == 3
+    assert "2 of 4 candidates chose the smallest lr of the grid (0.0003, 0.001, 0.003): a, c — the best setting " \
+           "may lie below it; widen --lrs" in notes[0]
+    assert "1 of 4 candidates chose the largest lr" in notes[1] and ": d —" in notes[1] and "above" in notes[1]
+    assert "1 of 1 candidates chose the largest C (inverse L2 strength)" in notes[2] and ": e —" in notes[2]
+    assert gt.grid_edge_notes({"b": runs["b"], "f": runs["f"]}) == []  # interior choice: nothing to say
 
 
 def test_layers_rank_taps_of_one_model(tiny_bert_dir, sentiment_csv):

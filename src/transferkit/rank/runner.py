@@ -253,6 +253,9 @@ def rank_models(data: Any, models: Sequence, metrics, *, limit: int | None = Non
             gt_s[name] = res["seconds"]
             result.setdefault("ground_truth_runs", {})[name] = {k: res[k] for k in ("accuracy", "oracle_accuracy",
                                                                                      "selected", "grid", "cached", "seconds")}
+        from .groundtruth import grid_edge_notes
+
+        notes.extend(grid_edge_notes(result["ground_truth_runs"]))
         result["ground_truth"] = {"protocol": ground_truth, "accuracy": measured, "seconds": gt_s,
                                   "n_train": len(train), "n_test": len(test)}
         result["evaluation"] = evaluation({k: scores.get(k, {}) for k in shown}, measured, notes)
