@@ -151,6 +151,26 @@ def test_translora_end_to_end_and_peft_format(tiny_bert_dir, target_dir, sentime
     assert res2.metrics["filter"] is False and res2.metrics["n_kept"] == 60 and "disc_train_accuracy" not in res2.metrics
 
 
+def test_translora_student_head_starts_where_lora_heads_start(tiny_bert_dir, target_dir, sentiment_csv, source_run):
+    """tune() seeds the student like every method: head_seed(seed, classes) — at lr 1e-12 both heads are still
+    that one start (a student seeded from the run seed alone would differ)."""
+    target = text_model(target_dir)
+    train, test = text_data(sentiment_csv)
+    common = {"r": 4, "epochs": 1, "lr": 1e-12, "seed": 5}
+    tl = tune(target, train, None, method="translora", progress=False,
+              config={**common, "source_model": str(tiny_bert_dir), "source_lora": str(source_run[0]), "n_seed": 2,
+                      "n_synthetic": 4, "filter": False})
+    lo = tune(target, train, None, method="lora", config=common, progress=False)
+
+    def head(module):
+        return {n: p.detach() for n, p in module.named_parameters() if "modules_to_save" in n}
+
+    a, b = head(tl.module), head(lo.module)
+    assert a and a.keys() == b.keys()
+    for n in a:
+        torch.testing.assert_close(a[n], b[n], rtol=0, atol=1e-6)
+
+
 def test_trans_lora_function_and_bad_configs(tiny_bert_dir, target_dir, sentiment_csv, source_run):
     from transferkit.data.dataset import subsample
     from transferkit.tune.translora import load_teacher

@@ -355,7 +355,7 @@ def trans_lora(teacher: nn.Module, teacher_preprocess: Callable[[Any], Any], tar
                disc_base: str = "source", disc_epochs: int = 5, disc_fake: int | None = None,
                augment_ops: Sequence[str] = AUGMENT_OPS, max_ops: int = 2, temperature: float = 2.0,
                hard_weight: float = 0.5, lora: dict[str, Any] | None = None, config: Any = None,
-               out_dir: Any = None, resume: bool = False) -> TransLoRAResult:
+               init_seed: int | None = None, out_dir: Any = None, resume: bool = False) -> TransLoRAResult:
     """Transfer ``teacher`` (source base + LoRA) to a fresh LoRA on ``target`` (see the module docstring).
 
     Parameters
@@ -377,6 +377,9 @@ def trans_lora(teacher: nn.Module, teacher_preprocess: Callable[[Any], Any], tar
     temperature, hard_weight : :class:`KDObjective`.
     lora : target LoRA options (``r``, ``alpha``, ``dropout``, ``target_modules``).
     config : :class:`~transferkit.engine.TrainConfig` (or mapping) of the distillation.
+    init_seed : seed of the student's new head and LoRA initialisation (default ``config.seed``);
+        ``tune(method="translora")`` passes :func:`transferkit.zoo.head_seed` (seed, class names), the
+        start every other method's head gets for that label set.
     """
     from ..engine import TrainConfig, evaluate, train
     from .peft_methods import delta_of, wrap
@@ -430,9 +433,10 @@ def trans_lora(teacher: nn.Module, teacher_preprocess: Callable[[Any], Any], tar
                 "labels": torch.tensor([it[1] for it in items], dtype=torch.long),
                 "teacher_logits": torch.stack([it[2] for it in items])}
 
+    start = cfg.seed if init_seed is None else int(init_seed)
     with torch.random.fork_rng(devices=[]):  # LoRA init independent of the caller's RNG state
-        torch.manual_seed(cfg.seed)
-        pm, base_state = wrap(target, int(n_classes), "lora", _lora_options(lora or {}), seed=cfg.seed)
+        torch.manual_seed(start)
+        pm, base_state = wrap(target, int(n_classes), "lora", _lora_options(lora or {}), seed=start)
     trainable = count_trainable(pm)
     result = train(pm, _Rows(rows), KDObjective(temperature, hard_weight), cfg, collate_fn=collate,
                    out_dir=out_dir, resume=resume)
@@ -452,7 +456,7 @@ def trans_lora(teacher: nn.Module, teacher_preprocess: Callable[[Any], Any], tar
     return TransLoRAResult(pm, delta, metrics, result.history, synthetic, scores, result.metrics, test_metrics)
 
 
-def run(model, fit, val, test, *, n_classes, method, options, cfg, out_dir, resume, **_) -> Fitted:
+def run(model, fit, val, test, *, n_classes, method, options, cfg, out_dir, resume, init_seed, **_) -> Fitted:
     """``tune(method="translora")``: ``model`` is the target base; the source comes from the options."""
     from ..data.dataset import subsample
     from ..zoo import load_model
@@ -479,7 +483,7 @@ def run(model, fit, val, test, *, n_classes, method, options, cfg, out_dir, resu
                      disc_base=options["disc_base"], disc_epochs=int(options["disc_epochs"]),
                      augment_ops=[ops] if isinstance(ops, str) else list(ops), max_ops=int(options["max_ops"]),
                      temperature=float(options["temperature"]), hard_weight=float(options["hard_weight"]),
-                     lora=options, config=cfg, out_dir=out_dir, resume=resume)
+                     lora=options, config=cfg, init_seed=init_seed, out_dir=out_dir, resume=resume)
     if out_dir is not None:
         save(res.module, Path(out_dir) / "peft", model=model, n_classes=n_classes, method="lora")
     head = sum(p.numel() for n, p in res.module.named_parameters() if p.requires_grad and "modules_to_save" in n)
