@@ -66,6 +66,13 @@ METHODS = ("mean_rank", "median_rank", "zscore", "consensus")
 MIN_CONSENSUS_METRICS = 3
 
 
+def _check_method(method: str, weights) -> None:
+    if method not in METHODS:
+        raise ConfigError(f"auto: unknown method {method!r}; use {', '.join(METHODS)}")
+    if method == "consensus" and weights:
+        raise ConfigError("auto: method 'consensus' learns its own metric weights; do not pass weights")
+
+
 def aggregate_ranks(scores_by_metric: Mapping[str, Mapping[str, float]], models: Sequence | None = None, *,
                     method: str = "mean_rank", weights: Mapping[str, float] | None = None) -> dict[str, Any]:
     """Aggregate ``{metric: {model: score}}`` (higher = better) into one score per model.
@@ -77,10 +84,7 @@ def aggregate_ranks(scores_by_metric: Mapping[str, Mapping[str, float]], models:
     averaged over the metrics that did; median_rank: equal; consensus: the learned weights) and
     ``weights_note`` (None, or why the consensus weights are not the spectral ones).
     """
-    if method not in METHODS:
-        raise ConfigError(f"auto: unknown method {method!r}; use {', '.join(METHODS)}")
-    if method == "consensus" and weights:
-        raise ConfigError("auto: method 'consensus' learns its own metric weights; do not pass weights")
+    _check_method(method, weights)
     if models is None:
         models = sorted({m for sc in scores_by_metric.values() for m in sc}, key=str)
     models = list(models)
@@ -202,10 +206,7 @@ def auto_rank(features_by_model: Mapping[str, Any], metrics: Sequence[str] | str
     per_model = [m for m in metrics if m not in SET_RANKERS]
     if "auto" in per_model:
         raise ConfigError("auto: 'auto' cannot be one of its own metrics")
-    if method not in METHODS:
-        raise ConfigError(f"auto: unknown method {method!r}; use {', '.join(METHODS)}")
-    if method == "consensus" and weights:
-        raise ConfigError("auto: method 'consensus' learns its own metric weights; do not pass weights")
+    _check_method(method, weights)  # before any metric is computed
     per_model = resolve_metrics(per_model) if per_model else []
     options = dict(options or {})
     per_metric: dict[str, dict[str, float]] = {}
