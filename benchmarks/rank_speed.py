@@ -174,7 +174,7 @@ def zoo_costs(path: Path) -> dict | None:
     for zoo, z in doc["zoos"].items():
         feat = sum(sum(t["seconds"]["features"].values()) for t in z["targets"])
         logme_s = sum(t["seconds"]["metrics"].get("logme", 0.0) for t in z["targets"])
-        per_model = [k for k in z["targets"][0]["seconds"]["metrics"] if k not in ("auto",)]
+        per_model = [k for k in z["targets"][0]["seconds"]["metrics"] if not k.startswith("auto")]  # auto rows re-sum members
         all_s = sum(sum(t["seconds"]["metrics"][k] for k in per_model) for t in z["targets"])
         ft = sum(sum(t["seconds"]["ground_truth"]["finetune"].values()) for t in z["targets"])
         lin = sum(sum(t["seconds"]["ground_truth"]["linear"].values()) for t in z["targets"])
