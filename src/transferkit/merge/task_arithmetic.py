@@ -13,6 +13,11 @@ Defaults: ``lam=1.0``. The paper picks λ on held-out validation data over a 0..
 0.8 for a sum of two vectors and 0.5 for negation, fusion_bench 0.3 for eight tasks — tune it.
 ``lam`` may also be one coefficient per task (Σ_t λ_t τ_t).
 
+Negating from a merge (θ0 + λ Σ τ_t − λ_neg τ_s) removes τ_s's interference too: at λ_neg = λ it is the
+merge without task s, so the other tasks move by as much as that merge differs from the full one
+(measured: +3.3 pp on one of four text tasks, ``benchmarks/results/merge_negation.md``); choose λ_neg on
+validation data with the other tasks as controls.
+
 Deviations / conventions: only the body is combined; ``new.`` heads are dropped (listed in
 ``meta["heads_dropped"]``; :func:`transferkit.merge.attach_head` restores one task's head). Integer
 tensors are skipped, as in the reference. Missing tensors count as zero task vectors.
