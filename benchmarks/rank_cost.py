@@ -32,8 +32,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 from transferkit.io import write_text
 
 ROOT = Path(__file__).resolve().parents[1]
