@@ -148,3 +148,104 @@ def test_learned_anisotropic_scaling_beats_uniform_task_arithmetic(engine):
     m.load_state_dict(base.state_dict())
     assert abs(_accuracy(apply(m, res.delta), Xte, yte) - acc) < 1e-6
     assert res.delta.meta["method"] == "atlas" and res.delta.meta["n_trainable"] == 4
+
+
+def _negation_problem(seed=0, d=6, n=600):
+    """Outputs [a(x), b(x)]: the target head reads a, the control head reads b.
+
+    The base's b is the control teacher (control solved, as a pre-trained model with its zero-shot
+    head), its a is random (target near chance). τ moves a to the target teacher but also adds noise
+    to b, so uniform negation −λτ cannot forget the target without breaking the control.
+    """
+    g = torch.Generator().manual_seed(seed)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(d, 2, bias=False)
+            self.b = nn.Linear(d, 2, bias=False)
+
+        def forward(self, x):
+            return torch.cat([self.a(x[:, :d]), self.b(x[:, :d])], 1)
+
+    base = Net()
+    with torch.no_grad():
+        base.a.weight.copy_(0.1 * torch.randn(2, d, generator=g))
+        base.b.weight.copy_(torch.randn(2, d, generator=g))
+    teacher_a = torch.randn(2, d, generator=g)
+    tau = Delta("neg", "full", {"a.weight": 4.0 * (teacher_a - base.a.weight.detach()),
+                                "b.weight": 1.5 * torch.randn(2, d, generator=g)})
+
+    def data(task, m):
+        x = torch.randn(m, d, generator=g)
+        w = teacher_a if task == 0 else base.b.weight.detach()
+        return torch.cat([x, torch.full((m, 1), float(task))], 1), (x @ w.T).argmax(1)
+
+    return base, tau, data(0, n), data(1, n), data(0, n), data(1, n), Net
+
+
+def _task_ce(model, batch):
+    x, y = batch["inputs"], batch["labels"]
+    out = model(x)
+    logits = torch.where(x[:, -1:].bool(), out[:, 2:], out[:, :2])
+    loss = nn.functional.cross_entropy(logits, y)
+    return loss, {"loss": float(loss.detach())}
+
+
+def _task_acc(model, data):
+    x, y = data
+    with torch.no_grad():
+        out = model(x)
+    logits = out[:, 2:] if bool(x[0, -1]) else out[:, :2]
+    return float((logits.argmax(1) == y).float().mean())
+
+
+def test_atlas_negation_forgets_the_target_where_uniform_negation_breaks_the_control():
+    from transferkit.merge import fit_negation, negate
+
+    base, tau, tgt, ctr, tgt_eval, ctr_eval, Net = _negation_problem()
+    t0, c0 = _task_acc(base, tgt_eval), _task_acc(base, ctr_eval)
+    assert c0 == 1.0 and 0.2 < t0 < 0.8
+    evaluate = lambda m: (_task_acc(m, tgt_eval), {"control": _task_acc(m, ctr_eval)})  # noqa: E731
+    res = fit_negation(AnisotropicScaling(base, [tau]), tgt, ctr, _task_ce, evaluate, epochs=15, lr=0.05,
+                       weight_decay=0.0, batch_size=32)
+    m = Net()
+    m.load_state_dict(base.state_dict())
+    apply(m, res.delta)
+    t1, c1 = _task_acc(m, tgt_eval), _task_acc(m, ctr_eval)
+    assert res.epoch >= 1 and res.history[res.epoch]["target_acc"] == t1
+    assert t1 < t0 - 0.25 and c1 >= 0.95 * c0, (t0, t1, c0, c1)
+    lam = res.coefficients["task_0"]
+    assert lam["a.weight"] < 0 and abs(lam["b.weight"]) < abs(lam["a.weight"]) / 3, lam
+    # one λ for the whole vector: every λ that forgets as much breaks the control
+    for k in range(1, 41):
+        u = Net()
+        u.load_state_dict(base.state_dict())
+        apply(u, negate(tau, k / 10))
+        assert not (_task_acc(u, tgt_eval) <= t1 + 0.02 and _task_acc(u, ctr_eval) >= 0.95 * c0), k / 10
+
+
+def test_atlas_negation_keeps_the_best_qualifying_epoch_and_stops_when_a_control_falls():
+    from transferkit.merge import fit_negation
+
+    base, tau, tgt, ctr, *_ = _negation_problem()
+    comp = AnisotropicScaling(base, [tau])
+    script = [(0.9, 0.80), (0.6, 0.79), (0.4, 0.77), (0.2, 0.70), (0.1, 0.80)]  # epoch 3 breaks the control
+    seen = []
+
+    def evaluate(m):
+        seen.append(m.coef.detach().clone())
+        t, c = script[len(seen) - 1]
+        return t, {"control": c}
+
+    res = fit_negation(comp, tgt, ctr, _task_ce, evaluate, epochs=4, lr=0.05, batch_size=32)
+    assert len(seen) == 4 and res.epoch == 2  # stopped after epoch 3, kept epoch 2 (lowest qualifying target)
+    assert [h["controls_kept"] for h in res.history[1:]] == [True, True, False]
+    assert torch.equal(comp.coef.detach(), seen[2])  # epoch 2's coefficients, not the last ones
+    # none qualifying keeps λ = 0: the base model
+    seen.clear()
+    script[1:] = [(0.95, 0.80), (0.96, 0.80)]
+    res = fit_negation(AnisotropicScaling(base, [tau]), tgt, ctr, _task_ce, evaluate, epochs=2)
+    assert res.epoch == 0 and all(float(v.abs().max()) == 0 for v in res.delta.tensors.values())
+    with pytest.raises(ConfigError, match="keep"):
+        fit_negation(AnisotropicScaling(base, [tau]), tgt, ctr, _task_ce, evaluate, keep=1.5)

@@ -17,6 +17,7 @@ Functional API — Deltas in, Delta out (apply the result with :func:`transferki
                                              by tensor, sharded output (:mod:`.streaming`)
 ``AnisotropicScaling`` / ``fit_atlas``       aTLAS: learned per-task, per-block coefficients
                                              (Zhang et al., NeurIPS 2024) (:mod:`.atlas`)
+``fit_negation``                             aTLAS task negation: forget a task, keep controls
 ``robust_signature`` / ``patch``             robust weight signatures, int8 storage, BN
                                              re-estimation (Cai et al., ICML 2023) (:mod:`.signatures`)
 ==========================================  ==================================================
@@ -36,7 +37,7 @@ from .fisher import compute_fisher, fisher_merge
 from .lora import ab_linear_error, merge_lora
 from .task_arithmetic import analogy, negate, task_arithmetic
 from .ties import ties
-from .atlas import AnisotropicScaling, few_shot, fit_atlas
+from .atlas import AnisotropicScaling, few_shot, fit_atlas, fit_negation
 from .signatures import Signature, compose, patch, reestimate_bn, robust_signature
 from .streaming import stream_merge
 
@@ -44,6 +45,6 @@ __all__ = [
     "attach_head", "heads", "average", "greedy_soup", "uniform_soup", "dare", "dare_merge",
     "LargeDeltaWarning", "compute_fisher", "fisher_merge", "ab_linear_error", "merge_lora", "analogy",
     "negate", "task_arithmetic", "ties",
-    "stream_merge", "AnisotropicScaling", "fit_atlas", "few_shot", "Signature", "robust_signature", "compose",
+    "stream_merge", "AnisotropicScaling", "fit_atlas", "fit_negation", "few_shot", "Signature", "robust_signature", "compose",
     "patch", "reestimate_bn",
 ]

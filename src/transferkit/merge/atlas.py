@@ -36,6 +36,16 @@ that are buffers — BatchNorm statistics — are left at the base and listed in
 ``new.`` are not composed: attach the task's frozen head to the base model before wrapping, as the
 paper does with frozen zero-shot heads). ``lora``/``sparse`` Deltas are densified.
 
+Task negation (:func:`fit_negation`, the reference's ``src/learn_task_negation.py``): coefficients on
+the target's task vector, from 0, trained by gradient *ascent* on the target's cross-entropy and
+descent on a control set's (loss = −L_target + L_control, one target batch and one control batch per
+step), AdamW (weight decay 0.1) with gradient-norm clipping at 1, constant lr (default 5e-3: the
+reference uses 1e-3 times a per-dataset multiplier of 2–10, for 2–20 epochs); after every epoch the
+model is evaluated and the coefficients with the lowest target accuracy whose every control keeps
+≥ ``keep`` (0.95) of its accuracy at λ = 0 are kept; training stops at the first epoch where a
+control falls below that. The reference trains and selects on the validation splits; so does the
+benchmark (``benchmarks/merge_negation_pretrained.py``), which reports test on disjoint data.
+
 Not implemented: the linearised (tangent / JVP) variant, LP++/Tip-adapter combinations and the
 unsupervised test-time objective (``learn_ufm.py``).
 """
@@ -259,3 +269,74 @@ def _local_loop(composer, data, objective, epochs, lr, weight_decay, batch_size,
 
 
 __all__ = ["AnisotropicScaling", "fit_atlas", "few_shot", "AtlasResult"]
+
+
+@dataclass
+class NegationResult:
+    """What :func:`fit_negation` kept: the learned Σ_b λ_b τ_b (zero if no epoch qualified)."""
+
+    delta: Delta
+    coefficients: dict[str, Any]
+    epoch: int  # the kept epoch; 0 = none qualified (the base model)
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def fit_negation(composer: AnisotropicScaling, target_data: tuple[Any, Any], control_data: tuple[Any, Any],
+                 objective: Callable, evaluate: Callable, *, epochs: int = 10, lr: float = 5e-3,
+                 weight_decay: float = 0.1, batch_size: int = 16, keep: float = 0.95, max_grad_norm: float = 1.0,
+                 seed: int = 0) -> NegationResult:
+    """aTLAS task negation: learn coefficients that forget the target task while keeping the controls.
+
+    ``composer`` wraps the base with the target's task vector(s). ``target_data`` and ``control_data``
+    are ``(X, y)`` (X a tensor or a dict of tensors indexed by example). ``objective(model, batch) ->
+    (loss, logs)`` is the cross-entropy used for both (it may read per-example task ids from X to
+    pick heads). ``evaluate(composer) -> (target_acc, {control: acc})`` scores the current
+    composition; it is called at λ = 0 and after every epoch.
+    """
+    if not isinstance(composer, AnisotropicScaling):
+        raise ConfigError("fit_negation takes an AnisotropicScaling module")
+    if not 0 < keep <= 1:
+        raise ConfigError(f"fit_negation: keep must be in (0, 1], got {keep}")
+    (Xt, yt), (Xc, yc) = target_data, control_data
+    yt, yc = torch.as_tensor(yt), torch.as_tensor(yc)
+
+    def take(X, idx):
+        return {k: v[idx] for k, v in X.items()} if isinstance(X, dict) else X[idx]
+
+    opt = torch.optim.AdamW([composer.coef], lr=lr, weight_decay=weight_decay)
+    g = torch.Generator().manual_seed(int(seed))
+    composer.eval()
+    t0, c0 = evaluate(composer)
+    history = [{"epoch": 0, "target_acc": float(t0), "control_acc": dict(c0)}]
+    best = (float(t0), 0, composer.coef.detach().clone())
+    control_order, cpos = torch.randperm(len(yc), generator=g), 0
+    for epoch in range(1, epochs + 1):
+        composer.train()
+        order = torch.randperm(len(yt), generator=g)
+        losses = []
+        for s in range(0, len(yt), batch_size):
+            if cpos + batch_size > len(yc):
+                control_order, cpos = torch.randperm(len(yc), generator=g), 0
+            ti, ci = order[s:s + batch_size], control_order[cpos:cpos + batch_size]
+            cpos += batch_size
+            lt, _ = objective(composer, {"inputs": take(Xt, ti), "labels": yt[ti]})
+            lc, _ = objective(composer, {"inputs": take(Xc, ci), "labels": yc[ci]})
+            loss = -lt + lc
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([composer.coef], max_grad_norm)
+            opt.step()
+            losses.append((float(lt.detach()), float(lc.detach())))
+        composer.eval()
+        t_acc, c_acc = evaluate(composer)
+        kept = all(c_acc[k] >= keep * c0[k] - 1e-12 for k in c0)
+        history.append({"epoch": epoch, "target_loss": sum(a for a, _ in losses) / len(losses),
+                        "control_loss": sum(b for _, b in losses) / len(losses), "target_acc": float(t_acc),
+                        "control_acc": dict(c_acc), "controls_kept": kept})
+        if not kept:
+            break
+        if t_acc < best[0]:
+            best = (float(t_acc), epoch, composer.coef.detach().clone())
+    with torch.no_grad():
+        composer.coef.copy_(best[2])
+    return NegationResult(composer.merged_delta(), composer.coefficients(), best[1], history)
