@@ -137,7 +137,7 @@ def run_seed(seed: int, args, zm) -> dict:
     cfg = {"epochs": args.epochs, "lr": args.lr, "batch_size": 16}
     probes, vals, tests, sizes, val_sets = [], [], [], {}, []
     for i, t in enumerate(tasks):
-        train, val, test = mt.load_task(t, args.per_class, seed)
+        train, _, _ = mt.load_task(t, args.per_class, seed)
         run = args.cache / f"{t.replace(':', '_')}-s{seed}"
         if i == target:  # LP-FT: probe, then the body under the frozen probe
             tau, fit = mt._fit(zm, train, seed, cfg, run, "lp-ft", 1000 * (seed + 1) + i)
