@@ -249,3 +249,7 @@ def test_atlas_negation_keeps_the_best_qualifying_epoch_and_stops_when_a_control
     assert res.epoch == 0 and all(float(v.abs().max()) == 0 for v in res.delta.tensors.values())
     with pytest.raises(ConfigError, match="keep"):
         fit_negation(AnisotropicScaling(base, [tau]), tgt, ctr, _task_ce, evaluate, keep=1.5)
+    with pytest.raises(ConfigError, match="epochs"):
+        fit_negation(AnisotropicScaling(base, [tau]), tgt, ctr, _task_ce, evaluate, epochs=0)
+    with pytest.raises(ConfigError, match="hold examples"):
+        fit_negation(AnisotropicScaling(base, [tau]), tgt, (ctr[0][:0], ctr[1][:0]), _task_ce, evaluate)

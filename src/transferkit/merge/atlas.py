@@ -297,8 +297,12 @@ def fit_negation(composer: AnisotropicScaling, target_data: tuple[Any, Any], con
         raise ConfigError("fit_negation takes an AnisotropicScaling module")
     if not 0 < keep <= 1:
         raise ConfigError(f"fit_negation: keep must be in (0, 1], got {keep}")
+    if epochs < 1 or batch_size < 1:
+        raise ConfigError(f"fit_negation: epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
     (Xt, yt), (Xc, yc) = target_data, control_data
     yt, yc = torch.as_tensor(yt), torch.as_tensor(yc)
+    if len(yt) == 0 or len(yc) == 0:
+        raise ConfigError("fit_negation: the target and the control data must both hold examples")
 
     def take(X, idx):
         return {k: v[idx] for k, v in X.items()} if isinstance(X, dict) else X[idx]
