@@ -224,31 +224,9 @@ def run_seed(seed: int, args, zm, ref_run: dict) -> dict:
     by = {}
     for lam in args.neg_grid:
         body = task_arithmetic([ta, negate(deltas[target], lam)], 1.0)
-        cv, ct = score(body, "val"), score(body, "test")
-        val_acc = {t: float(c.mean()) for t, c in zip(tasks, cv)}
-        test_acc = {t: float(c.mean()) for t, c in zip(tasks, ct)}
-        val_change = {t: 100 * (val_acc[t] - out["reference"]["val"][t]) for t in tasks}
-        test_change = {
-            t: paired(r, c, args.n_boot, seed) for t, r, c in zip(tasks, ref_test, ct)
-        }
-        controls = [t for t in tasks if t != args.negate]
-        by[str(lam)] = {
-            "val_acc": val_acc,
-            "test_acc": test_acc,
-            "val_change_pp": val_change,
-            "test_change": test_change,
-            "val_control_retained_min": min(
-                val_acc[t] / out["reference"]["val"][t] for t in controls
-            ),
-            "val_control_max_abs_change_pp": max(abs(val_change[t]) for t in controls),
-            "test_target_drop_pp": -test_change[args.negate]["change_pp"],
-            "test_others_max_abs_change_pp": max(
-                abs(test_change[t]["change_pp"]) for t in controls
-            ),
-            "test_others_largest_fall_pp": max(
-                0.0, max(-test_change[t]["change_pp"] for t in controls)
-            ),
-        }
+        by[str(lam)] = v = grid_row(score(body, "val"), score(body, "test"), out["reference"]["val"], ref_test,
+                                    tasks, args.negate, args.n_boot, seed)
+        val_acc, test_change = v["val_acc"], v["test_change"]
         log(
             f"seed {seed} λ_neg={lam}: val "
             + " ".join(f"{short(t)} {val_acc[t]:.3f}" for t in tasks)
@@ -259,6 +237,28 @@ def run_seed(seed: int, args, zm, ref_run: dict) -> dict:
     out["chosen"] = choose(by, args)
     out["seconds"] = round(time.perf_counter() - t0, 1)
     return out
+
+
+def grid_row(cv, ct, ref_val: dict, ref_test, tasks, target: str, n_boot: int, seed: int) -> dict:
+    """One edited model's record: per-item correctness ``cv``/``ct`` (per task) against the model before.
+
+    ``ref_val`` holds validation accuracies before the edit, ``ref_test`` the per-item test correctness.
+    """
+    val_acc = {t: float(c.mean()) for t, c in zip(tasks, cv)}
+    val_change = {t: 100 * (val_acc[t] - ref_val[t]) for t in tasks}
+    test_change = {t: paired(r, c, n_boot, seed) for t, r, c in zip(tasks, ref_test, ct)}
+    controls = [t for t in tasks if t != target]
+    return {
+        "val_acc": val_acc,
+        "test_acc": {t: float(c.mean()) for t, c in zip(tasks, ct)},
+        "val_change_pp": val_change,
+        "test_change": test_change,
+        "val_control_retained_min": min(val_acc[t] / ref_val[t] for t in controls),
+        "val_control_max_abs_change_pp": max(abs(val_change[t]) for t in controls),
+        "test_target_drop_pp": -test_change[target]["change_pp"],
+        "test_others_max_abs_change_pp": max(abs(test_change[t]["change_pp"]) for t in controls),
+        "test_others_largest_fall_pp": max(0.0, max(-test_change[t]["change_pp"] for t in controls)),
+    }
 
 
 def choose(by: dict, args) -> dict:

@@ -169,24 +169,9 @@ def run_seed(seed: int, args, zm) -> dict:
         "reference": {"val": {t: float(c.mean()) for t, c in zip(tasks, pre_val)},
                       "test": {t: float(c.mean()) for t, c in zip(tasks, pre_test)}},
     }
-    controls = [t for t in tasks if t != args.negate]
-
     def row(body):
-        cv, ct = score(body, "val"), score(body, "test")
-        val_acc = {t: float(c.mean()) for t, c in zip(tasks, cv)}
-        val_change = {t: 100 * (val_acc[t] - out["reference"]["val"][t]) for t in tasks}
-        test_change = {t: mn.paired(r, c, args.n_boot, seed) for t, r, c in zip(tasks, pre_test, ct)}
-        return {
-            "val_acc": val_acc,
-            "test_acc": {t: float(c.mean()) for t, c in zip(tasks, ct)},
-            "val_change_pp": val_change,
-            "test_change": test_change,
-            "val_control_retained_min": min(val_acc[t] / out["reference"]["val"][t] for t in controls),
-            "val_control_max_abs_change_pp": max(abs(val_change[t]) for t in controls),
-            "test_target_drop_pp": -test_change[args.negate]["change_pp"],
-            "test_others_max_abs_change_pp": max(abs(test_change[t]["change_pp"]) for t in controls),
-            "test_others_largest_fall_pp": max(0.0, max(-test_change[t]["change_pp"] for t in controls)),
-        }
+        return mn.grid_row(score(body, "val"), score(body, "test"), out["reference"]["val"], pre_test, tasks,
+                           args.negate, args.n_boot, seed)
 
     if "atlas" in args.methods:
         out["atlas"] = atlas_negation(zm, tau, probes, val_sets, target, args, seed, score, row)
