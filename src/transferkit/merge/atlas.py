@@ -268,7 +268,6 @@ def _local_loop(composer, data, objective, epochs, lr, weight_decay, batch_size,
     return history
 
 
-__all__ = ["AnisotropicScaling", "fit_atlas", "few_shot", "AtlasResult"]
 
 
 @dataclass
@@ -344,3 +343,6 @@ def fit_negation(composer: AnisotropicScaling, target_data: tuple[Any, Any], con
     with torch.no_grad():
         composer.coef.copy_(best[2])
     return NegationResult(composer.merged_delta(), composer.coefficients(), best[1], history)
+
+
+__all__ = ["AnisotropicScaling", "fit_atlas", "few_shot", "AtlasResult", "fit_negation", "NegationResult"]
