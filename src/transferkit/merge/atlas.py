@@ -268,8 +268,6 @@ def _local_loop(composer, data, objective, epochs, lr, weight_decay, batch_size,
     return history
 
 
-
-
 @dataclass
 class NegationResult:
     """What :func:`fit_negation` kept: the learned Σ_b λ_b τ_b (zero if no epoch qualified)."""
