@@ -169,6 +169,7 @@ def run_seed(seed: int, args, zm) -> dict:
         "reference": {"val": {t: float(c.mean()) for t, c in zip(tasks, pre_val)},
                       "test": {t: float(c.mean()) for t, c in zip(tasks, pre_test)}},
     }
+
     def row(body):
         return mn.grid_row(score(body, "val"), score(body, "test"), out["reference"]["val"], pre_test, tasks,
                            args.negate, args.n_boot, seed)
