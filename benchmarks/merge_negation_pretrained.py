@@ -130,7 +130,7 @@ def atlas_negation(zm, tau, probes, val_sets, target: int, args, seed: int, scor
 
 def run_seed(seed: int, args, zm) -> dict:
     from transferkit.data import load_dataset
-    from transferkit.delta import Delta
+    from transferkit.delta import NEW, Delta
     from transferkit.merge import attach_head, negate
 
     tasks, target = args.tasks, args.tasks.index(args.negate)
@@ -163,8 +163,8 @@ def run_seed(seed: int, args, zm) -> dict:
         "sizes": sizes,
         "target_finetune": {"metrics": fit, "test_acc": float(ft_test.mean()),
                             "tau_norm": float(torch.sqrt(sum((v.double() ** 2).sum() for k, v in tau.tensors.items()
-                                                              if not k.startswith("new.")))),
-                            "probe_head_changed": bool(any(k.startswith("new.") and not torch.equal(v, probes[target].tensors[k])
+                                                              if not k.startswith(NEW)))),
+                            "probe_head_changed": bool(any(k.startswith(NEW) and not torch.equal(v, probes[target].tensors[k])
                                                            for k, v in tau.tensors.items()))},
         "reference": {"val": {t: float(c.mean()) for t, c in zip(tasks, pre_val)},
                       "test": {t: float(c.mean()) for t, c in zip(tasks, pre_test)}},
