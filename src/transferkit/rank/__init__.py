@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import registry
 from ..errors import ConfigError, DataError, TransferkitError
 from ._base import METRICS, Metric, register, validate
 from ._shared import shared_pass
@@ -92,12 +93,28 @@ def resolve_metrics(metrics) -> list[str]:
         names = list(METRICS) if m == "all" else [m]
         for name in names:
             if name not in METRICS:
-                raise ConfigError(f"unknown metric {name!r}; known: {', '.join(sorted(METRICS))}")
+                raise ConfigError(f"unknown metric {name!r}{registry.did_you_mean(name, METRICS)}; "
+                                  f"known: {', '.join(sorted(METRICS))}")
             if name not in out:
                 out.append(name)
     if not out:
         raise ConfigError("no metric given")
     return out
+
+
+def check_options(names: list[str], options: Any) -> dict[str, dict]:
+    """Per-metric options checked against each metric's typed options (one-line ConfigError);
+    returns only the keys given, so every metric keeps its own defaults for the rest."""
+    if options is None:
+        return {}
+    if not isinstance(options, dict):
+        raise ConfigError(f"rank options must be a mapping of metric → options, got {type(options).__name__}")
+    for name, opts in options.items():
+        if name not in names:
+            raise ConfigError(f"options given for metric {name!r}, which is not being computed "
+                              f"({', '.join(names)}){registry.did_you_mean(name, names)}")
+        registry.get("rank", name).parse(opts)
+    return {name: dict(opts or {}) for name, opts in options.items()}
 
 
 def _missing(metric: Metric, probs) -> str | None:
@@ -241,7 +258,7 @@ def rank_features(features_by_model: dict, metrics, *, seed: int = 0, options: d
       ``metrics`` {metric: {"citation", "needs"}}.
     """
     names = resolve_metrics(metrics)
-    options = options or {}
+    options = check_options(names, options)
     if not features_by_model:
         raise DataError("rank: no models given")
     validated = {}

@@ -9,15 +9,18 @@ calls the implementation directly.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import inspect
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
+from .. import registry
 from ..errors import DataError
 
-__all__ = ["Metric", "METRICS", "register", "validate", "one_hot", "class_means"]
+__all__ = ["Metric", "METRICS", "register", "register_set_level", "validate", "one_hot", "class_means"]
 
 
 @dataclass(frozen=True)
@@ -50,8 +53,33 @@ class Metric:
 METRICS: dict[str, Metric] = {}
 
 
+def options_from_signature(impl: Callable, name: str, exclude: tuple[str, ...] = ()) -> type | None:
+    """A typed options dataclass from ``impl``'s keyword options (everything after ``seed``).
+
+    Each option keeps its annotation (or the type of its default when unannotated) and its default, so
+    a metric's options are written once, in its signature, and validated like every other method's.
+    """
+    fields = []
+    for p in inspect.signature(impl, eval_str=True).parameters.values():
+        if p.kind is not p.KEYWORD_ONLY or p.name in ("probs", "seed", *exclude):
+            continue
+        if p.annotation is not p.empty:
+            tp = p.annotation
+        elif p.default is None:
+            tp = Any
+        else:
+            tp = type(p.default)
+        fields.append((p.name, tp, dataclasses.field(default=p.default)))
+    if not fields:
+        return None
+    return dataclasses.make_dataclass(f"{name.title().replace('_', '')}Options", fields,
+                                      namespace={"__module__": impl.__module__})
+
+
 def register(name: str, *, citation: str, needs=("features",), stochastic: bool = False, regression_ok: bool = False):
-    """Decorator: register ``impl`` under ``name`` and return its validating public wrapper."""
+    """Decorator: register ``impl`` in the method registry (stage ``rank``) under ``name``; return its
+    validating public wrapper. The options are read from ``impl``'s signature (:func:`options_from_signature`).
+    """
 
     needs = frozenset(needs)
 
@@ -65,9 +93,20 @@ def register(name: str, *, citation: str, needs=("features",), stochastic: bool 
             raise ValueError(f"metric {name!r} registered twice")
         METRICS[name] = Metric(name, public, impl, citation, needs, True, stochastic)
         public.metric = METRICS[name]
+        summary = (inspect.getdoc(impl) or name).splitlines()[0]
+        registry.register("rank", name, paper=citation, summary=summary, fn=public,
+                          options=options_from_signature(impl, name), kind="per-model", needs=sorted(needs),
+                          stochastic=stochastic)
         return public
 
     return deco
+
+
+def register_set_level(name: str, fn: Callable, *, citation: str) -> None:
+    """Register a set-level ranker ``fn(features_by_model, *, seed, **opts) -> {model: score}``: its scores
+    depend on the whole candidate set, so it is not a per-model :class:`Metric`."""
+    registry.register("rank", name, paper=citation, summary=(inspect.getdoc(fn) or name).splitlines()[0], fn=fn,
+                      options=options_from_signature(fn, name, exclude=("details",)), kind="set-level")
 
 
 def validate(X, y, probs=None, *, needs=frozenset({"features"}), name: str = "metric", regression: bool = False):

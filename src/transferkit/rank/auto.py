@@ -41,9 +41,10 @@ fixed, not tuned. The result's ``weights`` holds the weights used, for every met
 The metric list may include the set-level rankers ``"etran"`` and ``"ncti"``: rank aggregation only
 needs an ordering, so their candidate-relative scores are as usable as per-model ones.
 
-**Not a registry metric.** ``auto`` is a function of the whole candidate set (a model's normalised
+**Not a per-model metric.** ``auto`` is a function of the whole candidate set (a model's normalised
 rank moves when another model is added), so it does not fit the per-model
-``f(X, y) -> float`` contract of :data:`~transferkit.rank.METRICS` and is not registered there
+``f(X, y) -> float`` contract of :data:`~transferkit.rank.METRICS` and is not in it (the method
+registry lists it, with ETran and NCTI, as a ``set-level`` rank method)
 (``rank_features(..., ["auto"])`` stays an unknown-metric error; ``"all"`` keeps meaning every
 per-model metric). Use :func:`auto_rank` on features, or :func:`aggregate_ranks` on scores already
 computed by :func:`~transferkit.rank.rank_features` (no recomputation).
@@ -57,6 +58,7 @@ import numpy as np
 from scipy.stats import rankdata
 
 from ..errors import ConfigError, DataError, TransferkitError
+from ._base import register_set_level
 
 __all__ = ["auto_rank", "aggregate_ranks", "DEFAULT_METRICS", "SET_RANKERS"]
 
@@ -237,3 +239,7 @@ def auto_rank(features_by_model: Mapping[str, Any], metrics: Sequence[str] | str
     return {"scores": agg["scores"], "ranking": agg["ranking"], "used": agg["used"], "skipped": skipped + agg["skipped"],
             "per_metric": per_metric, "normalised": agg["normalised"], "method": method, "weights": agg["weights"],
             "weights_note": agg["weights_note"], "time_s": time_s}
+
+
+register_set_level("auto", auto_rank, citation="rank aggregation (normalised Borda count); consensus weights: Parisi, "
+                   "Strino, Nadler & Kluger, Ranking and combining multiple predictors without labeled data, PNAS 2014")

@@ -52,7 +52,7 @@ import numpy as np
 from scipy.special import logsumexp
 
 from ..errors import DataError
-from ._base import validate
+from ._base import register_set_level, validate
 from .sfda import fda_proba
 
 __all__ = ["etran_rank", "etran_components", "energy_score", "lda_score", "svd_regression_score", "minmax"]
@@ -203,3 +203,6 @@ def etran_rank(features_by_model: Mapping[str, Any], *, regression_targets=None,
         return scores
     return {"scores": scores, "ranking": ranking_of(scores), "components": comps, "normalised": normed,
             "weights": w, "citation": CITATION}
+
+
+register_set_level('etran', etran_rank, citation=CITATION)

@@ -43,7 +43,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..errors import DataError
-from ._base import validate
+from ._base import register_set_level, validate
 from .etran import candidates, minmax, ranking_of
 
 __all__ = ["ncti_rank", "ncti_components"]
@@ -131,3 +131,6 @@ def ncti_rank(features_by_model: Mapping[str, Any], *, n_pca: int = 64, n_shrink
         return scores
     return {"scores": scores, "ranking": ranking_of(scores), "components": comps, "normalised": normed,
             "citation": CITATION}
+
+
+register_set_level('ncti', ncti_rank, citation=CITATION)

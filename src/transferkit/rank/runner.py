@@ -25,7 +25,6 @@ import numpy as np
 
 from ..errors import ConfigError, ModelError
 
-SET_LEVEL = ("etran", "ncti")
 AUTO = "auto"
 ENSEMBLE_METHODS = ("osborn", "ms-leep", "e-leep")
 MAX_AUTO_LAYERS = 6
@@ -54,9 +53,12 @@ def parse_metrics(metrics: str | Sequence[str]) -> tuple[list[str], list[str], l
     ``shown`` is what the table reports (``"auto"`` included when asked for). Unknown names raise
     a one-line :class:`ConfigError`.
     """
+    from .. import registry
     from . import METRICS
     from .auto import DEFAULT_METRICS
 
+    set_level_names = [n for n, m in registry.methods("rank").items() if m.info["kind"] == "set-level" and n != AUTO]
+    known = [*METRICS, *set_level_names, AUTO, "all"]
     if isinstance(metrics, str):
         metrics = [m.strip() for m in metrics.split(",") if m.strip()]
     names: list[str] = []
@@ -65,17 +67,18 @@ def parse_metrics(metrics: str | Sequence[str]) -> tuple[list[str], list[str], l
             if n not in names:
                 names.append(n)
     if not names:
-        raise ConfigError("no metric given; known: " + ", ".join([*METRICS, *SET_LEVEL, AUTO, "all"]))
-    unknown = [m for m in names if m not in METRICS and m not in SET_LEVEL and m != AUTO]
+        raise ConfigError("no metric given; known: " + ", ".join(known))
+    unknown = [m for m in names if m not in known]
     if unknown:
-        raise ConfigError(f"unknown metric(s) {', '.join(unknown)}; known: {', '.join([*METRICS, *SET_LEVEL, AUTO, 'all'])}")
+        raise ConfigError(f"unknown metric(s) {', '.join(unknown)}{registry.did_you_mean(unknown[0], known)}; "
+                          f"known: {', '.join(known)}")
     shown = list(names)
     if shown == [AUTO]:
         shown = [*DEFAULT_METRICS, AUTO]
     per_model = [m for m in shown if m in METRICS]
     if AUTO in shown:
         per_model += [m for m in DEFAULT_METRICS if m not in per_model]
-    set_level = [m for m in shown if m in SET_LEVEL]
+    set_level = [m for m in shown if m in set_level_names]
     return shown, per_model, set_level
 
 
@@ -268,13 +271,14 @@ def rank_models(data: Any, models: Sequence, metrics, *, limit: int | None = Non
 
 
 def _set_level(name: str, feats: dict, seed: int, notes: list[str], opts: dict) -> tuple[dict, float]:
+    from .. import registry
     from ..errors import TransferkitError
-    from .etran import etran_rank
-    from .ncti import ncti_rank
 
+    method = registry.get("rank", name)
+    method.parse(opts)
     t0 = time.perf_counter()
     try:
-        sc = {"etran": etran_rank, "ncti": ncti_rank}[name](feats, seed=seed, **opts)
+        sc = method.fn(feats, seed=seed, **opts)
     except TransferkitError as e:
         notes.append(f"{name} skipped: {e}")
         sc = {}
