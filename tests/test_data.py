@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from transferkit import assets
-from transferkit.data import Dataset, available_datasets, load_dataset, train_test_split
+from transferkit.data import Dataset, available_datasets, combine_domains, load_dataset, make_dataset, train_test_split
+from transferkit.data.dataset import split_mask, subsample, validate
 from transferkit.data import builtin
 from transferkit.errors import DataError, TransferkitError
 
@@ -439,3 +440,114 @@ def test_error_bad_counts(kw):
 
 def test_error_limit_below_classes():
     _raises(_tab(), "smaller than the number of classes", limit=2)
+
+
+# --------------------------------------------------------------------------- unlabelled and multi-domain data
+
+
+def _golden():
+    y = np.array([0, 1, 2] * 10)[:29]
+    X = np.arange(58, dtype=np.float32).reshape(29, 2) / 4
+    return Dataset("g", "tabular", X, y, ["a", "b", "c"], domains=np.arange(29) % 2, domain_names=["p", "q"])
+
+
+def test_labelled_data_keeps_fingerprint_split_and_sample_of_before_unlabelled_support():
+    # reference values computed with the code before unlabelled items existed (caches and recorded
+    # splits of earlier runs stay valid)
+    ds = _golden()
+    assert ds.fingerprint() == "5e41199b85f5955ace831b9f288df165c235f9847c4baa30a1cdeef439850dfe"
+    assert np.flatnonzero(split_mask(ds, 0.3, seed=5)).tolist() == [4, 6, 8, 9, 15, 19, 23, 26, 28]
+    s = subsample(ds, limit=11, seed=2)
+    assert s.fingerprint() == "382b8e1e174b8b52690871671e9e2b0b07d0e2f1631a2e81efed60961ce11ff1"
+
+
+def test_unlabelled_dataset_from_arrays_and_texts():
+    stream = make_dataset("stream", np.zeros((6, 3)))  # no labels: a test-time stream
+    assert stream.y.tolist() == [-1] * 6 and not stream.labelled.any() and stream.classes == []
+    assert stream.class_counts() == {} and "unlabelled=6" in repr(stream)
+    target = make_dataset("t", [f"x{i}" for i in range(4)], classes=["neg", "pos"], domains=["a", "a", "b", "b"])
+    assert target.modality == "text" and target.class_counts() == {"neg": 0, "pos": 0}
+    assert target.domain_names == ["a", "b"] and target.domains.tolist() == [0, 0, 1, 1]
+    with pytest.raises(DataError, match="no labelled items"):
+        validate(target)  # the training check still needs two classes
+    assert validate(target, need_labels=False) is target
+    partial = make_dataset("p", np.zeros((5, 2)), [0, 1, -1, 1, -1], classes=["a", "b"])
+    assert partial.labelled.tolist() == [True, True, False, True, False]
+    assert partial.class_counts() == {"a": 1, "b": 2}  # unlabelled items counted nowhere
+    with pytest.raises(DataError, match="or -1 for unlabelled"):
+        make_dataset("bad", np.zeros((2, 2)), [0, -2], classes=["a", "b"])
+    with pytest.raises(DataError, match="single class"):
+        make_dataset("one", np.zeros((3, 2)), [0, -1, -1], classes=["a", "b"])
+    with pytest.raises(DataError, match="missing"):  # raw labels with holes stay an error: -1 is explicit
+        make_dataset("holes", np.zeros((3, 2)), ["a", None, "b"])
+
+
+def _with_unlabelled(n_per=(50, 30, 20), n_unl=40):
+    ds = _tab(n_per)
+    y = np.concatenate([ds.y, np.full(n_unl, -1)])
+    X = np.concatenate([ds.X, np.random.default_rng(1).normal(size=(n_unl, 3)).astype(np.float32)])
+    dom = np.concatenate([np.zeros(len(ds), int), np.arange(n_unl) % 2 + 1])
+    return Dataset("mix", "tabular", X, y, ds.classes, domains=dom, domain_names=["src", "t1", "t2"])
+
+
+def test_split_stratifies_labels_and_splits_unlabelled_items_as_one_group():
+    ds = _with_unlabelled()
+    te = split_mask(ds, test_size=0.2, seed=0)
+    # 28 test items: 10/6/4 per class as without unlabelled items, and 8 of the 40 unlabelled ones
+    assert np.bincount(ds.y[te & ds.labelled], minlength=3).tolist() == [10, 6, 4]
+    assert int((te & ~ds.labelled).sum()) == 8
+    # within the unlabelled group the draw is proportional over its two domains
+    assert np.bincount(ds.domains[te & ~ds.labelled], minlength=3).tolist() == [0, 4, 4]
+    assert np.array_equal(te, split_mask(ds, test_size=0.2, seed=0))
+    tr, tt = train_test_split(ds, test_size=0.2, seed=0)
+    assert len(tr) + len(tt) == len(ds) and (tr.y == -1).sum() + (tt.y == -1).sum() == 40
+    stream = make_dataset("s", np.arange(20, dtype=float).reshape(10, 2))
+    te = split_mask(stream, test_size=0.3, seed=0)
+    assert int(te.sum()) == 3  # a stream with no labels splits at random
+
+
+def test_subsample_counts_unlabelled_items_as_one_more_class():
+    ds = _with_unlabelled((50, 30, 20), 100)
+    sub = subsample(ds, per_class=10, seed=0)
+    assert sub.class_counts() == {"c0": 10, "c1": 10, "c2": 10} and int((~sub.labelled).sum()) == 10
+    lim = subsample(ds, limit=100, seed=0)  # proportional over 50/30/20/100
+    assert lim.class_counts() == {"c0": 25, "c1": 15, "c2": 10} and int((~lim.labelled).sum()) == 50
+    with pytest.raises(DataError, match="unlabelled items count as one"):
+        subsample(ds, limit=3)
+
+
+def test_fingerprint_sees_which_items_are_unlabelled():
+    ds = _tab()
+    masked = ds.subset(np.arange(len(ds)))
+    masked.y[0] = -1
+    again = ds.subset(np.arange(len(ds)))
+    again.y[0] = -1
+    assert masked.fingerprint() == again.fingerprint() != ds.fingerprint()
+    other = ds.subset(np.arange(len(ds)))
+    other.y[1] = -1
+    assert other.fingerprint() != masked.fingerprint()
+
+
+def test_combine_domains_labelled_source_and_unlabelled_target():
+    src = Dataset("src", "tabular", np.ones((6, 2), np.float32), np.array([0, 1] * 3), ["a", "b"],
+                  domains=np.array([0, 0, 0, 1, 1, 1]), domain_names=["s1", "s2"], is_test=np.zeros(6, bool))
+    tgt = Dataset("tgt", "tabular", np.zeros((4, 2), np.float32), np.array([1, 0, 1, 0]), ["a", "b"])
+    both = combine_domains(src, tgt)
+    assert both.name == "src+tgt" and len(both) == 10 and both.is_test is None
+    np.testing.assert_array_equal(both.X, np.concatenate([src.X, tgt.X]))
+    assert both.y.tolist() == src.y.tolist() + [-1] * 4  # the target's labels are dropped
+    assert both.domain_names == ["s1", "s2", "tgt"] and both.domains.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 2]
+    assert both.class_counts() == src.class_counts()
+    # an unlabelled target without class names, and text
+    t_src = make_dataset("reviews", ["good", "bad", "fine", "awful"], ["pos", "neg", "pos", "neg"])
+    t_tgt = make_dataset("tweets", ["meh", "wow"])
+    txt = combine_domains(t_src, t_tgt)
+    assert txt.X == ["good", "bad", "fine", "awful", "meh", "wow"] and txt.domain_names == ["reviews", "tweets"]
+    with pytest.raises(DataError, match="has classes"):
+        combine_domains(src, Dataset("t", "tabular", np.zeros((2, 2), np.float32), np.array([0, 1]), ["x", "y"]))
+    with pytest.raises(DataError, match="items of shape"):
+        combine_domains(src, make_dataset("w", np.zeros((2, 3))))
+    with pytest.raises(DataError, match="cannot combine tabular"):
+        combine_domains(src, t_tgt)
+    with pytest.raises(DataError, match="share a domain name"):
+        combine_domains(t_src, make_dataset("reviews", ["x"]))

@@ -118,3 +118,81 @@ def test_retrained_model_under_the_same_name_misses_the_cache():
     retrained = ZooModel("toy-cnn", "image", again.backbone, again.head, 6, again.preprocess, {"size": 8})
     F.extract(retrained, ds, progress=False)
     assert again.backbone.calls, "changed weights under the same name must miss the cache"
+
+
+# --------------------------------------------------------------------------- several taps, unlabelled rows
+
+
+def test_several_taps_in_one_pass_equal_single_tap_extraction():
+    m, ds = _model(), _data()
+    taps = ["conv", "penultimate", "fc"]
+    many = F.extract(m, ds, tap=taps, batch_size=16, cache=False, progress=False)
+    assert list(many) == taps
+    assert m.backbone.calls == [16, 16, 16, 2]  # one backbone call per batch for all three taps
+    for t in taps:
+        one = F.extract(m, ds, tap=t, batch_size=16, cache=False, progress=False)
+        np.testing.assert_array_equal(many[t].X, one.X)  # bit-identical to the single-tap path
+        np.testing.assert_array_equal(many[t].probs, one.probs)
+        assert many[t].fingerprint == one.fingerprint == F.fingerprint(m, ds, t)
+    np.testing.assert_array_equal(many["fc"].X, many["penultimate"].X)  # fc is the backbone's output
+    with pytest.raises(ModelError, match="unknown tap 'nope'"):
+        F.extract(m, ds, tap=["conv", "nope"], cache=False, progress=False)
+    with pytest.raises(ModelError, match="non-empty list"):
+        F.extract(m, ds, tap=[], cache=False, progress=False)
+
+
+def test_several_taps_are_cached_per_tap():
+    m, ds = _model(), _data()
+    single = F.extract(m, ds, tap="conv", batch_size=16, progress=False)  # "conv" now cached
+    m.backbone.calls.clear()
+    many = F.extract(m, ds, tap=["conv", "penultimate"], batch_size=16, progress=False)
+    assert m.backbone.calls == [16, 16, 16, 2]  # only the missing tap is read, still in one pass
+    np.testing.assert_array_equal(many["conv"].X, single.X)
+    m.backbone.calls.clear()
+    again = F.extract(m, ds, tap=["penultimate", "conv"], batch_size=16, progress=False)
+    assert m.backbone.calls == []  # a cache hit for every tap
+    assert list(again) == ["penultimate", "conv"]
+    np.testing.assert_array_equal(again["penultimate"].X, many["penultimate"].X)
+    m.backbone.calls.clear()
+    alone = F.extract(m, ds, progress=False)  # the tap written by the multi-tap call serves a single call
+    assert m.backbone.calls == [] and np.array_equal(alone.X, many["penultimate"].X)
+
+
+def test_unlabelled_rows_and_domains_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    f = F.Features(rng.normal(size=(5, 3)), np.array([0, -1, 2, -1, 1]), domains=np.array([0, 1, 1, 0, 2]),
+                   fingerprint={"tap": "x"})
+    assert f.labelled.tolist() == [True, False, True, False, True] and f.n_classes == 3
+    g = F.load(F.save(f, tmp_path / "f"))
+    np.testing.assert_array_equal(g.X, f.X)
+    assert g.y.tolist() == f.y.tolist() and g.domains.tolist() == f.domains.tolist() and g.fingerprint == f.fingerprint
+    stream = F.Features(np.zeros((4, 2)))  # no labels at all
+    assert stream.y.tolist() == [-1] * 4 and stream.n_classes == 0
+    assert F.load(F.save(stream, tmp_path / "s")).y.tolist() == [-1] * 4
+    sub = f.subset(np.array([1, 2]))
+    assert sub.y.tolist() == [-1, 2] and sub.domains.tolist() == [1, 1]
+    with pytest.raises(DataError, match="-1 for an unlabelled row"):
+        F.Features(np.zeros((2, 2)), np.array([0, -2]))
+    with pytest.raises(DataError, match="domain ids must be integers"):
+        F.Features(np.zeros((2, 2)), np.array([0, 1]), domains=np.array([0.5, 1.0]))
+    with pytest.raises(DataError, match="domain ids must be ≥ 0"):
+        F.Features(np.zeros((2, 2)), np.array([0, 1]), domains=np.array([0, -1]))
+    with pytest.raises(DataError, match="NaN or inf"):
+        F.Features(np.array([[np.inf, 0.0]]))
+    with pytest.raises(DataError, match="2-D"):
+        F.Features(np.zeros(3))
+
+
+def test_extract_unlabelled_dataset_keys_on_labels_and_domains():
+    m, ds = _model(), _data(20)
+    unl = Dataset("toy", "image", ds.X, np.full(20, -1), ds.classes, domains=np.arange(20) % 2, domain_names=["p", "q"])
+    a = F.extract(m, ds, progress=False)
+    m.backbone.calls.clear()
+    b = F.extract(m, unl, progress=False)
+    assert m.backbone.calls, "other labels/domains: another cache entry"
+    np.testing.assert_array_equal(a.X, b.X)  # same images, same features
+    assert b.y.tolist() == [-1] * 20 and b.domains.tolist() == unl.domains.tolist()
+    assert a.fingerprint["data"] != b.fingerprint["data"]
+    m.backbone.calls.clear()
+    c = F.extract(m, unl, progress=False)
+    assert m.backbone.calls == [] and c.y.tolist() == [-1] * 20 and c.domains.tolist() == unl.domains.tolist()

@@ -128,3 +128,18 @@ def test_rank_features_records_metric_data_errors_as_skips():
     out = rank_features({"a": Features(X, y)}, ["parc", "logme"], options={"parc": {"max_samples": 1}})
     assert "a" in out["scores"]["logme"] and "a" not in out["scores"]["parc"]
     assert out["skipped"][0]["metric"] == "parc"
+
+
+def test_unlabelled_rows_are_refused_not_scored_as_a_class():
+    """-1 marks an unlabelled item (Dataset/Features convention): a metric must not take it for a class."""
+    import numpy as np
+    import pytest
+
+    from transferkit.errors import DataError
+    from transferkit.rank import logme
+
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(30, 4)), np.repeat([0, 1, -1], 10)
+    with pytest.raises(DataError, match="unlabelled"):
+        logme(X, y)
+    assert np.isfinite(logme(X[y >= 0], y[y >= 0]))

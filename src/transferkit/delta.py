@@ -11,6 +11,13 @@ A Delta is a dict of tensors plus a ``kind`` and metadata:
   Other tensors in a lora Delta (trained biases, ``new.`` heads) behave as in ``full``;
 - ``sparse``: ``<name>.indices`` (flat int64 positions) + ``<name>.values``, with the dense shape in
   ``meta["shapes"][name]``; the dense update scatters (adds) the values into zeros of that shape;
+- ``mask``: one boolean tensor per base parameter, of its shape (0/1 tensors of any dtype are turned
+  into bool at construction). It is *multiplicative*: :func:`apply` sets ``θ ← θ ⊙ m`` (supermasks,
+  pruning masks; ``scale`` must be 1). Its additive form depends on the base, so
+  :func:`to_dense` needs it: ``to_dense(mask, base)`` is ``θ ⊙ m − θ = −θ ⊙ (1 − m)``, and
+  ``base + to_dense(mask, base) == apply(base, mask)`` exactly. Without ``base``, :func:`to_dense` refuses
+  a mask, and so does every merge method (they all read ``to_dense(delta)``): convert it first with
+  :func:`as_additive` (a ``full`` Delta relative to the same base). ``new.`` tensors behave as in ``full``;
 - methods that add modules the base lacks (adapters, prefixes, side networks, ScaLearn) use a
   ``head`` Delta: the new modules are ``new.*`` tensors and the meta says how to rebuild the model
   (e.g. ``meta["requires"]`` = ``transferkit.tune.adapters.rebuild`` or ``"peft"``); BitFit, IA3, DoRA and Conv2d LoRA are exact ``full`` deltas.
@@ -25,7 +32,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -34,7 +41,7 @@ from .errors import ModelError
 from .io import atomic_path, load_weights
 
 NEW = "new."
-KINDS = ("full", "head", "lora", "sparse")
+KINDS = ("full", "head", "lora", "sparse", "mask")
 LORA_A, LORA_B = ".lora_A", ".lora_B"
 SPARSE_IDX, SPARSE_VAL = ".indices", ".values"
 
@@ -49,6 +56,14 @@ class Delta:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ModelError(f"unknown delta kind {self.kind!r}; known: {', '.join(KINDS)}")
+        if self.kind == "mask":
+            self.tensors = dict(self.tensors)
+            for name, t in list(self.tensors.items()):
+                if name.startswith(NEW) or t.dtype == torch.bool:
+                    continue
+                if not bool(((t == 0) | (t == 1)).all()):
+                    raise ModelError(f"mask delta tensor {name!r} must be boolean or 0/1, got other values ({t.dtype})")
+                self.tensors[name] = t != 0
 
     def n_params(self) -> int:
         return sum(t.numel() for t in self.tensors.values())
@@ -142,12 +157,36 @@ def _is_factor(delta: Delta, name: str) -> bool:
     return False
 
 
-def to_dense(delta: Delta) -> dict[str, torch.Tensor]:
+def _base_state(base: Mapping[str, torch.Tensor] | nn.Module) -> Mapping[str, torch.Tensor]:
+    return base.state_dict() if isinstance(base, nn.Module) else base
+
+
+def _mask_target(state: Mapping[str, torch.Tensor], name: str, mask: torch.Tensor) -> torch.Tensor:
+    if name not in state:
+        raise ModelError(f"mask delta tensor {name!r} has no counterpart in the base")
+    if state[name].shape != mask.shape:
+        raise ModelError(f"mask delta tensor {name!r} has shape {tuple(mask.shape)}, base has {tuple(state[name].shape)}")
+    return state[name]
+
+
+def to_dense(delta: Delta, base: Mapping[str, torch.Tensor] | nn.Module | None = None) -> dict[str, torch.Tensor]:
     """The additive part of ``delta`` as full tensors (new tensors excluded).
 
     ``lora`` factors become ``<module>.weight = scaling · B @ A`` (computed in at least float32);
-    ``sparse`` index/value pairs become dense tensors of ``meta["shapes"][name]``.
+    ``sparse`` index/value pairs become dense tensors of ``meta["shapes"][name]``; a ``mask`` becomes
+    ``−θ ⊙ (1 − m)`` with ``θ`` from ``base`` (a state dict or module), which only a mask needs.
     """
+    if delta.kind == "mask":
+        if base is None:
+            raise ModelError("a mask delta multiplies weights (θ ⊙ m): to_dense needs the base "
+                             "(to_dense(delta, base)); merge methods take additive deltas, convert with as_additive(delta, base)")
+        state = _base_state(base)
+        dense = {}
+        for name, m in delta.tensors.items():
+            if not name.startswith(NEW):
+                theta = _mask_target(state, name, m).detach()
+                dense[name] = torch.where(m.to(theta.device), torch.zeros_like(theta), -theta)
+        return dense
     dense = {k: v for k, v in delta.tensors.items() if not k.startswith(NEW) and not _is_factor(delta, k)}
     if delta.kind == "lora":
         for module, (a, b, scaling) in lora_factors(delta).items():
@@ -179,13 +218,38 @@ def to_dense(delta: Delta) -> dict[str, torch.Tensor]:
     return dense
 
 
+def as_additive(delta: Delta, base: Mapping[str, torch.Tensor] | nn.Module) -> Delta:
+    """A ``mask`` Delta as the ``full`` Delta that has the same effect on ``base`` (new tensors kept).
+
+    ``apply(base, as_additive(mask, base))`` equals ``apply(base, mask)``; the result is a task vector
+    that merge methods accept. It holds only for this ``base``: the mask's effect depends on θ.
+    """
+    if delta.kind != "mask":
+        raise ModelError(f"as_additive converts mask deltas; a {delta.kind!r} delta is additive already")
+    tensors = to_dense(delta, base)
+    tensors.update({k: v for k, v in delta.tensors.items() if k.startswith(NEW)})
+    return Delta(delta.base, "full", tensors, {**delta.meta, "from_mask": True})
+
+
 @torch.no_grad()
 def apply(model: nn.Module, delta: Delta, scale: float = 1.0) -> nn.Module:
-    """Add ``scale`` × ``delta`` to ``model``'s parameters in place; set its new tensors."""
+    """Add ``scale`` × ``delta`` to ``model``'s parameters in place; set its new tensors.
+
+    A ``mask`` delta multiplies instead: ``θ ← θ ⊙ m`` (masked entries become exactly 0; ``scale``
+    must be 1).
+    """
     state = model.state_dict()
+    if delta.kind == "mask":
+        if scale != 1.0:
+            raise ModelError(f"a mask delta multiplies weights (θ ⊙ m) and cannot be scaled; got scale={scale}")
+        targets = [(_mask_target(state, k, m), m) for k, m in delta.tensors.items() if not k.startswith(NEW)]
+        for theta, m in targets:  # all checked first: a bad tensor leaves the model untouched
+            theta.masked_fill_(~m.to(theta.device), 0)
     items = [(k, v) for k, v in delta.tensors.items() if k.startswith(NEW)]
-    items += list(to_dense(delta).items()) if delta.kind in ("lora", "sparse") else \
-        [(k, v) for k, v in delta.tensors.items() if not k.startswith(NEW)]
+    if delta.kind in ("lora", "sparse"):
+        items += list(to_dense(delta).items())
+    elif delta.kind != "mask":
+        items += [(k, v) for k, v in delta.tensors.items() if not k.startswith(NEW)]
     for name, value in items:
         target = name[len(NEW):] if name.startswith(NEW) else name
         if target not in state:

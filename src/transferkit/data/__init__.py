@@ -28,7 +28,8 @@ from typing import Any
 
 from ..errors import DataError
 from .builtin import VADER_THRESHOLD, builtin_names, is_builtin, load_builtin
-from .dataset import Dataset, encode_labels, make_dataset, split_mask, subsample, train_test_split, validate
+from .dataset import (UNLABELLED, Dataset, combine_domains, encode_labels, make_dataset, split_mask, subsample,
+                      train_test_split, validate)
 from .files import SUPPORTED, from_hf, is_hf_dataset, load_path
 
 __all__ = [
@@ -38,6 +39,8 @@ __all__ = [
     "split_mask",
     "available_datasets",
     "make_dataset",
+    "combine_domains",
+    "UNLABELLED",
     "encode_labels",
     "VADER_THRESHOLD",
 ]

@@ -1,14 +1,25 @@
 """The ``Dataset`` container and the checks every loader's output goes through.
 
-A :class:`Dataset` holds one labelled target set in a canonical form:
+A :class:`Dataset` holds one target set in a canonical form:
 
 - ``modality="image"``: ``X`` is ``uint8`` of shape ``(N, H, W)`` (grey) or ``(N, H, W, 3)`` (RGB);
 - ``modality="text"``: ``X`` is a ``list[str]`` of length ``N``;
 - ``modality="tabular"``: ``X`` is ``float32`` of shape ``(N, D)``, all finite;
-- ``y`` is ``int64`` in ``0..C-1`` and ``classes[c]`` names label ``c``.
+- ``y`` is ``int64`` in ``0..C-1`` and ``classes[c]`` names label ``c``; ``y == -1``
+  (:data:`UNLABELLED`) marks an item without a label (a target domain, a test-time stream).
 
 Optional per-item arrays: ``domains`` (``int64`` ids into ``domain_names``) and ``is_test`` (``bool``,
 set when the source defines its own train/test split). ``meta`` documents how labels were derived.
+
+Unlabelled and multi-domain data follow skada's convention: unlabelled items carry the label -1
+(:attr:`Dataset.labelled` is ``y != -1``) and every item may carry a domain id. Our ids are
+non-negative indices into ``domain_names``; skada's ``sample_domain`` is ``domains + 1`` for source
+items and ``-(domains + 1)`` for target items. :func:`make_dataset` with ``labels=None`` builds an
+unlabelled dataset; :func:`combine_domains` joins a labelled source and an unlabelled target into one
+Dataset with one domain id per part. A dataset may keep its task's ``classes`` while having no
+labelled item (an unlabelled target of a known label set) or have ``classes=[]`` (a bare stream).
+:func:`validate` is the training check: it needs two or more classes among the labelled items;
+``validate(ds, need_labels=False)`` accepts a dataset with no labelled item.
 
 Label encoding (:func:`encode_labels`) is the same for every input format: strings are mapped to
 their sorted unique values; integers (also integral floats and booleans) are mapped to ``0..C-1`` in
@@ -17,7 +28,9 @@ Anything else (floats with fractions, NaN, mixed or other objects) is rejected w
 :class:`~transferkit.errors.DataError`.
 
 Sub-sampling (:func:`subsample`) and :func:`train_test_split` are stratified and reproducible from a
-seed; indices are always returned in their original order.
+seed; indices are always returned in their original order. Unlabelled items form one more group,
+sampled and split like a class (at random, proportionally over domains and the official split);
+on fully labelled data the draws are exactly those of a dataset without the feature.
 """
 
 from __future__ import annotations
@@ -33,12 +46,13 @@ import numpy as np
 from ..errors import DataError
 
 MODALITIES = ("image", "text", "tabular")
+UNLABELLED = -1
 _FP_VERSION = b"transferkit-dataset-fingerprint-v1"
 
 
 @dataclass
 class Dataset:
-    """A labelled dataset in canonical form (see the module docstring for the layout)."""
+    """A dataset in canonical form, labelled or not (see the module docstring for the layout)."""
 
     name: str
     modality: str
@@ -75,15 +89,22 @@ class Dataset:
         shape = f"{len(self.X)} texts" if self.modality == "text" else f"X{tuple(np.shape(self.X))}"
         extra = f", domains={self.domain_names}" if self.domain_names else ""
         split = f", test={int(self.is_test.sum())}" if self.is_test is not None else ""
-        return f"Dataset({self.name!r}, {self.modality}, {shape}, classes={len(self.classes)}{extra}{split})"
+        n_unl = int((self.y == UNLABELLED).sum())
+        unl = f", unlabelled={n_unl}" if n_unl else ""
+        return f"Dataset({self.name!r}, {self.modality}, {shape}, classes={len(self.classes)}{unl}{extra}{split})"
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
 
+    @property
+    def labelled(self) -> np.ndarray:
+        """Boolean mask of the items that carry a label (``y != -1``)."""
+        return self.y != UNLABELLED
+
     def class_counts(self) -> dict[str, int]:
-        """Number of items per class name (classes with no items included, as 0)."""
-        counts = np.bincount(self.y, minlength=len(self.classes))
+        """Number of labelled items per class name (classes with no items included, as 0)."""
+        counts = np.bincount(self.y[self.labelled], minlength=len(self.classes))
         return {c: int(k) for c, k in zip(self.classes, counts)}
 
     def subset(self, idx: Any) -> "Dataset":
@@ -113,7 +134,7 @@ class Dataset:
         )
 
     def fingerprint(self) -> str:
-        """sha256 (hex) over modality, class names, labels, content, domains and split.
+        """sha256 (hex) over modality, class names, labels (-1 for unlabelled), content, domains and split.
 
         Stable across runs and machines; independent of ``name`` and ``meta`` (two specs that give
         the same data share a fingerprint).
@@ -294,7 +315,7 @@ def canonical_text(X: Any, what: str = "text") -> list[str]:
 def make_dataset(
     name: str,
     X: Any,
-    labels: Any,
+    labels: Any = None,
     *,
     classes: Sequence[str] | None = None,
     domains: Any = None,
@@ -305,20 +326,25 @@ def make_dataset(
 ) -> Dataset:
     """Build a validated Dataset from raw content and raw labels (see :func:`encode_labels`).
 
-    With ``classes`` given, ``labels`` must already be integers in ``0..len(classes)-1``.
+    With ``classes`` given, ``labels`` must already be integers in ``0..len(classes)-1``, or -1 for
+    unlabelled items. ``labels=None`` gives an unlabelled dataset (every ``y`` is -1; ``classes``, if
+    given, names the task's label set) checked with ``validate(..., need_labels=False)``.
     Raw ``domains`` are encoded like labels unless ``domain_names`` is given.
     """
     X, found = canonical_X(X)
     if modality is not None and modality != found:
         raise DataError(f"{name}: expected {modality} data, got {found}")
-    if len(X) != _len(labels):
+    if labels is None:
+        y, classes = np.full(len(X), UNLABELLED, dtype=np.int64), list(classes or [])
+    elif len(X) != _len(labels):
         raise DataError(f"X has {len(X)} items but y has {_len(labels)} labels")
-    if classes is not None:
+    elif classes is not None:
         y = np.asarray(labels)
         if y.dtype.kind not in "iu":
             y = _integral_floats(y, "labels") if y.dtype.kind == "f" else y
-        if y.dtype.kind not in "iu" or (y.size and (y.min() < 0 or y.max() >= len(classes))):
-            raise DataError(f"labels must be integers in 0..{len(classes) - 1} to match the {len(classes)} class names")
+        if y.dtype.kind not in "iu" or (y.size and (y.min() < UNLABELLED or y.max() >= len(classes))):
+            raise DataError(f"labels must be integers in 0..{len(classes) - 1} (or -1 for unlabelled) "
+                            f"to match the {len(classes)} class names")
         y = y.astype(np.int64)
         classes = list(classes)
     else:
@@ -332,7 +358,7 @@ def make_dataset(
     split = None if is_test is None else np.asarray(is_test).astype(bool)
     ds = Dataset(name, found, X, y, list(classes), dom, None if dom is None else list(domain_names),
                  split, dict(meta or {}))
-    return validate(ds)
+    return validate(ds, need_labels=labels is not None)
 
 
 def _len(obj: Any) -> int:
@@ -342,8 +368,12 @@ def _len(obj: Any) -> int:
         raise DataError(f"labels must be a sequence, got {type(obj).__name__}") from None
 
 
-def validate(ds: Dataset) -> Dataset:
-    """Check a Dataset is usable for training: non-empty, two or more classes, canonical content."""
+def validate(ds: Dataset, *, need_labels: bool = True) -> Dataset:
+    """Check a Dataset is usable: non-empty, canonical content, labels in ``-1..C-1``.
+
+    With ``need_labels`` (the default: the check for training) the labelled items must span two or
+    more classes; ``need_labels=False`` accepts a dataset with no labelled item (a test-time stream).
+    """
     if not isinstance(ds, Dataset):
         raise DataError(f"expected a Dataset, got {type(ds).__name__}")
     n = len(ds)
@@ -352,11 +382,13 @@ def validate(ds: Dataset) -> Dataset:
     y = np.asarray(ds.y)
     if y.dtype.kind not in "iu":
         raise DataError(f"dataset {ds.name!r}: y must be integer labels, got {y.dtype}")
-    if y.min() < 0 or y.max() >= len(ds.classes):
-        raise DataError(f"dataset {ds.name!r}: labels must lie in 0..{len(ds.classes) - 1}")
+    if y.min() < UNLABELLED or y.max() >= len(ds.classes):
+        raise DataError(f"dataset {ds.name!r}: labels must lie in 0..{len(ds.classes) - 1} (or -1 for unlabelled)")
     ds.y = y.astype(np.int64, copy=False)
-    present = np.unique(ds.y)
-    if len(present) < 2:
+    present = np.unique(ds.y[ds.labelled])
+    if need_labels and len(present) == 0:
+        raise DataError(f"dataset {ds.name!r} has no labelled items; training needs at least two classes")
+    if need_labels and len(present) < 2:
         only = ds.classes[int(present[0])]
         raise DataError(f"dataset {ds.name!r} has a single class ({only!r}); need at least two")
     if ds.modality == "text":
@@ -374,6 +406,42 @@ def validate(ds: Dataset) -> Dataset:
     if ds.is_test is not None:
         ds.is_test = ds.is_test.astype(bool, copy=False)
     return ds
+
+
+def combine_domains(source: Dataset, target: Dataset, *, name: str | None = None) -> Dataset:
+    """One multi-domain Dataset: the labelled ``source`` items, then the ``target`` items unlabelled.
+
+    Each part keeps its own domains when it has them, else becomes one domain named after it; the
+    target's ids follow the source's. The target's labels are dropped (-1) — keep ``target`` itself
+    to evaluate — and its ``classes``, when it has any, must equal the source's. ``is_test`` is
+    dropped: split each part first and combine the training parts. Validated for training.
+    """
+    for part in (source, target):
+        if not isinstance(part, Dataset):
+            raise DataError(f"combine_domains takes Datasets, got {type(part).__name__}")
+    if source.modality != target.modality:
+        raise DataError(f"cannot combine {source.modality} {source.name!r} with {target.modality} {target.name!r}")
+    if target.classes and target.classes != source.classes:
+        raise DataError(f"target {target.name!r} has classes {target.classes}; the source {source.name!r} has {source.classes}")
+    if source.modality == "text":
+        X = list(source.X) + list(target.X)
+    else:
+        Xs, Xt = np.asarray(source.X), np.asarray(target.X)
+        if Xs.shape[1:] != Xt.shape[1:]:
+            raise DataError(f"cannot combine items of shape {Xs.shape[1:]} ({source.name!r}) "
+                            f"with items of shape {Xt.shape[1:]} ({target.name!r})")
+        X = np.concatenate([Xs, Xt])
+    ids, names = [], []
+    for part in (source, target):
+        part_names = part.domain_names if part.domains is not None else [part.name]
+        ids.append((part.domains if part.domains is not None else np.zeros(len(part), np.int64)) + len(names))
+        names += part_names
+    if len(set(names)) < len(names):
+        raise DataError(f"source and target share a domain name ({', '.join(names)}); rename one")
+    y = np.concatenate([source.y, np.full(len(target), UNLABELLED, dtype=np.int64)])
+    combined = Dataset(name or f"{source.name}+{target.name}", source.modality, X, y, list(source.classes),
+                       np.concatenate(ids), names, None, {"combined": {"source": source.name, "target": target.name}})
+    return validate(combined)
 
 
 # --------------------------------------------------------------------------- sampling
@@ -429,6 +497,13 @@ def _allocate(counts: np.ndarray, total: int, rng: np.random.Generator, min_one:
     return alloc
 
 
+def _groups(ds: Dataset) -> list[np.ndarray]:
+    """Item indices per class, then the unlabelled items as one more group when there are any."""
+    groups = [np.flatnonzero(ds.y == c) for c in range(len(ds.classes))]
+    unlabelled = np.flatnonzero(~ds.labelled)
+    return groups + [unlabelled] if len(unlabelled) else groups
+
+
 def _pick(idx: np.ndarray, k: int, strata: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """k items of ``idx`` at random, proportionally over ``strata[idx]``."""
     if k >= len(idx):
@@ -442,8 +517,9 @@ def _pick(idx: np.ndarray, k: int, strata: np.ndarray, rng: np.random.Generator)
 def subsample(ds: Dataset, *, limit: int | None = None, per_class: int | None = None, seed: int = 0) -> Dataset:
     """At most ``per_class`` items per class, then at most ``limit`` items, stratified by class.
 
-    Within a class the draw is proportional over domains and the official train/test split.
-    Reproducible from ``seed``; the kept items stay in their original order.
+    Within a class the draw is proportional over domains and the official train/test split; the
+    unlabelled items count as one more class. Reproducible from ``seed``; the kept items stay in
+    their original order.
     """
     limit = _check_count(limit, "limit")
     per_class = _check_count(per_class, "per_class")
@@ -451,17 +527,17 @@ def subsample(ds: Dataset, *, limit: int | None = None, per_class: int | None = 
         return ds
     rng = np.random.default_rng(seed)
     strata = _substrata(ds)
-    C = len(ds.classes)
-    by_class = [np.flatnonzero(ds.y == c) for c in range(C)]
-    counts = np.array([len(ix) for ix in by_class], dtype=np.int64)
+    groups = _groups(ds)
+    counts = np.array([len(ix) for ix in groups], dtype=np.int64)
     if per_class is not None:
         counts = np.minimum(counts, per_class)
     if limit is not None:
         present = int((counts > 0).sum())
         if limit < present:
-            raise DataError(f"limit={limit} is smaller than the number of classes ({present}) in {ds.name!r}")
+            unl = " (unlabelled items count as one)" if not ds.labelled.all() else ""
+            raise DataError(f"limit={limit} is smaller than the number of classes{unl} ({present}) in {ds.name!r}")
         counts = _allocate(counts, limit, rng, min_one=True)
-    keep = [_pick(ix, int(k), strata, rng) for ix, k in zip(by_class, counts) if k]
+    keep = [_pick(ix, int(k), strata, rng) for ix, k in zip(groups, counts) if k]
     idx = np.sort(np.concatenate(keep))
     if len(idx) == len(ds):
         return ds
@@ -486,7 +562,7 @@ def split_mask(ds: Dataset, test_size: float = 0.2, seed: int = 0) -> np.ndarray
     ``test_size``/``seed`` are ignored. Otherwise ``round(N * test_size)`` test items are shared
     over the classes in proportion to their sizes (largest remainder; a class with two or more
     items gets at least one and at most n - 1), and within a class over its domains, chosen at
-    random from ``seed``.
+    random from ``seed``. Unlabelled items count as one more class.
     """
     if not isinstance(ds, Dataset):
         raise DataError(f"train_test_split expects a Dataset, got {type(ds).__name__}")
@@ -495,12 +571,12 @@ def split_mask(ds: Dataset, test_size: float = 0.2, seed: int = 0) -> np.ndarray
     if isinstance(test_size, bool) or not isinstance(test_size, numbers.Real) or not 0 < test_size < 1:
         raise DataError(f"test_size must be a fraction strictly between 0 and 1, got {test_size!r}")
     rng = np.random.default_rng(seed)
-    by_class = [np.flatnonzero(ds.y == c) for c in range(len(ds.classes))]
-    counts = np.array([len(ix) for ix in by_class], dtype=np.int64)
+    groups = _groups(ds)
+    counts = np.array([len(ix) for ix in groups], dtype=np.int64)
     alloc = _allocate(counts, int(round(len(ds) * float(test_size))), rng, min_one=True)
     sub = np.zeros(len(ds), dtype=np.int64) if ds.domains is None else ds.domains
     test = np.zeros(len(ds), dtype=bool)
-    for ix, k in zip(by_class, alloc):
+    for ix, k in zip(groups, alloc):
         if len(ix) < 2:
             continue
         k = min(max(int(k), 1), len(ix) - 1)

@@ -149,6 +149,9 @@ def validate(X, y, probs=None, *, needs=frozenset({"features"}), name: str = "me
                 raise DataError(f"{name}: labels must be integer class ids (pass regression=True for real targets)")
         elif y.dtype.kind not in "iub":
             raise DataError(f"{name}: labels must be integer class ids, got dtype {y.dtype}")
+        if y.dtype.kind in "if" and (y == -1).any():
+            raise DataError(f"{name}: labels contain -1 (unlabelled items); score only the labelled rows, "
+                            f"e.g. features.subset(features.labelled)")
         classes, y = np.unique(y, return_inverse=True)
         y = y.astype(np.int64).reshape(-1)
         if len(classes) < 2:

@@ -135,23 +135,38 @@ def read_tap(backbone: nn.Module, inputs: Any, tap: str, return_output: bool = F
 
     With ``return_output`` the backbone's own output comes first: ``(output, tapped)``.
     """
+    tapped, result = read_taps(backbone, inputs, [tap])
+    return (result, tapped[tap]) if return_output else tapped[tap]
+
+
+def read_taps(backbone: nn.Module, inputs: Any, taps: list[str]) -> tuple[dict[str, torch.Tensor], Any]:
+    """One backbone call: ``({tap: pooled output}, backbone output)``.
+
+    Each tap is its submodule's output at its last call (the first element of a tuple, the
+    ``last_hidden_state`` of a model output), pooled by :func:`pool` with the attention mask.
+    """
     modules = dict(backbone.named_modules())
-    if tap not in modules:
-        raise ModelError(f"unknown tap {tap!r}; use 'penultimate' or a module name such as {next(iter(list(modules)[1:]), '')!r}")
-    captured: list[Any] = []
-    handle = modules[tap].register_forward_hook(lambda _m, _i, out: captured.append(out))
+    for tap in taps:
+        if tap not in modules:
+            raise ModelError(f"unknown tap {tap!r}; use 'penultimate' or a module name such as "
+                             f"{next(iter(list(modules)[1:]), '')!r}")
+    captured: dict[str, Any] = {}
+    handles = [modules[t].register_forward_hook(lambda _m, _i, out, t=t: captured.__setitem__(t, out)) for t in taps]
     try:
         result = backbone(inputs)
     finally:
-        handle.remove()
-    out = captured[-1]
-    if isinstance(out, (tuple, list)):
-        out = out[0]
-    if hasattr(out, "last_hidden_state"):
-        out = out.last_hidden_state
+        for h in handles:
+            h.remove()
     mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
-    tapped = pool(out, mask)
-    return (result, tapped) if return_output else tapped
+    tapped = {}
+    for t in taps:
+        out = captured[t]
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        if hasattr(out, "last_hidden_state"):
+            out = out.last_hidden_state
+        tapped[t] = pool(out, mask)
+    return tapped, result
 
 
 def pool(out: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
