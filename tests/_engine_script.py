@@ -4,6 +4,9 @@
         trains a small dropout MLP with checkpoints; writes OUT/final.safetensors
     torchrun --standalone --nproc_per_node 2 tests/_engine_script.py ddp OUT
         trains on 2 gloo ranks; each rank writes OUT/rank-<r>.json
+    torchrun --standalone --nproc_per_node 2 tests/_engine_script.py frozen OUT
+        distils from a frozen BatchNorm teacher on 2 gloo ranks, with per-sample outputs;
+        each rank writes OUT/frozen-rank-<r>.json
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from transferkit.engine import CrossEntropy, TrainConfig, evaluate, train
+from transferkit.engine import CrossEntropy, KDObjective, TrainConfig, evaluate, latest_checkpoint, train
 
 
 def toy(n: int, d: int = 8, c: int = 3, seed: int = 0):
@@ -123,10 +126,63 @@ def run_ddp(out: Path) -> None:
     os._exit(0)
 
 
+class KDWithOutputs(KDObjective):
+    """KD from a frozen teacher that also returns per-sample outputs and records the teacher's mode."""
+
+    def __init__(self, teacher):
+        super().__init__(temperature=2.0, hard_weight=0.5, teacher=teacher)
+        self.teacher_modes: list[bool] = []
+
+    def forward(self, model, batch):
+        self.teacher_modes.append(self.teacher.training)
+        loss, logs = super().forward(model, batch)
+        return loss, logs, {"x0": batch["inputs"][:, 0]}
+
+
+def run_frozen(out: Path) -> None:
+    from accelerate import Accelerator
+    from safetensors.torch import load_file
+
+    torch.set_num_threads(1)
+    acc = Accelerator(cpu=True)
+    rank = acc.process_index
+    x, y = toy(201)  # odd: the second shard is padded by wrapping around
+    torch.manual_seed(7)
+    teacher = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+    with torch.no_grad():
+        teacher(x)  # non-trivial running statistics; the teacher is left in train mode on purpose
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    obj = KDWithOutputs(teacher)
+    model = mlp(dropout=0.0)
+    cfg = TrainConfig(epochs=2, batch_size=16, lr=1e-2, checkpoint_every=5, progress=False, cpu=True)
+    result = train(model, (x, y), obj, cfg, out_dir=out, accelerator=acc)
+    after = teacher.state_dict()
+    ckpt = latest_checkpoint(out / "checkpoints")
+    report = {
+        "rank": rank,
+        "world_size": acc.num_processes,
+        "steps": result.steps,
+        "teacher_unchanged": sorted(k for k in before if torch.equal(before[k], after[k])),
+        "teacher_keys": sorted(before),
+        "teacher_modes": sorted(set(obj.teacher_modes)),
+        "objective_ckpt_keys": sorted(load_file(str(ckpt / "objective.safetensors"))),
+        "model_ckpt_keys": sorted(load_file(str(ckpt / "model.safetensors"))),
+        "outputs_in_order": bool(torch.equal(result.outputs["x0"], x[:, 0])),
+        "param_digest": float(sum(p.detach().double().sum() * (i + 1) for i, p in enumerate(model.parameters()))),
+    }
+    (out / f"frozen-rank-{rank}.json").write_text(json.dumps(report))
+    acc.wait_for_everyone()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["resume", "ddp"])
+    ap.add_argument("mode", choices=["resume", "ddp", "frozen"])
     ap.add_argument("out", type=Path)
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--slow", type=float, default=0.0)
@@ -134,5 +190,7 @@ if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     if a.mode == "resume":
         run_resume(a.out, a.resume, a.slow)
-    else:
+    elif a.mode == "ddp":
         run_ddp(a.out)
+    else:
+        run_frozen(a.out)

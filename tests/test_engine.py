@@ -167,11 +167,14 @@ def test_evaluate_matches_manual_computation():
 
 def test_objective_module_params_are_trained_and_streams_reach_it():
     class Head(nn.Module):
-        """A learnable classifier on top of a frozen-ish feature model, fed two named streams."""
+        """A learnable classifier on top of a feature model, fed two named streams: cross-entropy on the
+        labelled source plus ``weight`` × the prediction entropy on the unlabelled target."""
 
-        def __init__(self):
+        def __init__(self, weight):
             super().__init__()
+            torch.manual_seed(1)
             self.head = nn.Linear(16, 3)
+            self.weight = weight
             self.seen = []
 
         def forward(self, model, batch):
@@ -179,18 +182,34 @@ def test_objective_module_params_are_trained_and_streams_reach_it():
             logits = self.head(model(batch["source"]["inputs"]))
             probs = F.softmax(self.head(model(batch["target"]["inputs"])), -1)
             entropy = -(probs * probs.clamp_min(1e-8).log()).sum(-1).mean()
-            return F.cross_entropy(logits, batch["source"]["labels"]) + 0.0 * entropy, {"ent": entropy}
+            return F.cross_entropy(logits, batch["source"]["labels"]) + self.weight * entropy, {"ent": entropy}
+
+    def features():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(8, 16), nn.ReLU())
+
+    def target_entropy(feat, obj):
+        with torch.no_grad():
+            p = F.softmax(obj.head(feat(xt)), -1)
+        return float(-(p * p.clamp_min(1e-8).log()).sum(-1).mean())
 
     x, y = toy(64)
-    xt, _ = toy(40, seed=2)
-    features = nn.Sequential(nn.Linear(8, 16), nn.ReLU())
-    obj = Head()
-    before = obj.head.weight.clone()
-    res = train(features, {"source": (x, y), "target": (xt,)}, obj, quiet(epochs=2, batch_size=16))
-    assert not torch.equal(obj.head.weight, before)
-    assert set(obj.seen) == {("source", "target")}
-    assert "train_ent" in res.history[-1]
-    assert res.steps == 8
+    xt = toy(40, seed=2)[0] + 1.0  # a shifted, unlabelled target domain
+    runs = {}
+    for weight in (0.0, 1.0):
+        feat, obj = features(), Head(weight)
+        before = obj.head.weight.clone()
+        res = train(feat, {"source": (x, y), "target": (xt,)}, obj, quiet(epochs=2, batch_size=16, lr=1e-2))
+        assert not torch.equal(obj.head.weight, before)
+        assert set(obj.seen) == {("source", "target")}
+        assert "train_ent" in res.history[-1]
+        assert res.steps == 8
+        runs[weight] = (feat, obj)
+    # the target term matters: other weights, and the target predictions became more confident
+    (f0, o0), (f1, o1) = runs[0.0], runs[1.0]
+    assert not torch.allclose(o0.head.weight, o1.head.weight, atol=1e-4)
+    assert not torch.allclose(f0[0].weight, f1[0].weight, atol=1e-4)
+    assert target_entropy(f1, o1) < target_entropy(f0, o0) - 0.05
 
 
 def test_config_validation_errors():

@@ -13,13 +13,17 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = Path(__file__).with_name("_engine_script.py")
 
 
-def test_two_process_training_with_torchrun(tmp_path):
+def _torchrun(mode, out):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(SCRIPT), "ddp", str(tmp_path)]
+           str(SCRIPT), mode, str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     errors = "\n".join(line for line in proc.stderr.splitlines() if not line.startswith("INFO"))
     assert proc.returncode == 0, errors[-4000:]
+
+
+def test_two_process_training_with_torchrun(tmp_path):
+    _torchrun("ddp", tmp_path)
 
     reports = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
     assert [r["rank"] for r in reports] == [0, 1]
@@ -43,3 +47,17 @@ def test_two_process_training_with_torchrun(tmp_path):
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-50", "step-60"]
     history = json.loads((tmp_path / "history.json").read_text())
     assert history[-1]["step"] == 60 and "val_accuracy" in history[-1]
+
+
+def test_two_process_frozen_teacher_and_per_sample_outputs(tmp_path):
+    # a KD objective holding a BatchNorm teacher: DDP must not see the teacher (no "Expected to have
+    # finished reduction"), the teacher stays in eval mode and unchanged, and is not checkpointed
+    _torchrun("frozen", tmp_path)
+    reports = [json.loads((tmp_path / f"frozen-rank-{r}.json").read_text()) for r in (0, 1)]
+    for r in reports:
+        assert r["world_size"] == 2 and r["steps"] == 2 * 7  # 201 samples -> 101 per rank -> 7 batches of 16
+        assert r["teacher_unchanged"] == r["teacher_keys"] and "1.running_var" in r["teacher_keys"]
+        assert r["teacher_modes"] == [False]
+        assert r["objective_ckpt_keys"] == [] and not any("teacher" in k for k in r["model_ckpt_keys"])
+        assert r["outputs_in_order"]  # gathered from both ranks, back in data order
+    assert reports[0]["param_digest"] == reports[1]["param_digest"]

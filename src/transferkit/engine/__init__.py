@@ -9,7 +9,18 @@ See :mod:`transferkit.engine.loop` for determinism, resume and multi-process lau
 
 from .checkpoint import latest_checkpoint, list_checkpoints
 from .loop import TrainConfig, TrainResult, evaluate, is_main_process, lr_factor, train, world_size
-from .objectives import CrossEntropy, Objective, forward, logits_of
+from .objectives import (
+    CrossEntropy,
+    GradientReversal,
+    KDObjective,
+    MaskedLM,
+    MultiTaskCE,
+    Objective,
+    forward,
+    grad_reverse,
+    kd_loss,
+    logits_of,
+)
 
 __all__ = [
     "TrainConfig",
@@ -21,6 +32,12 @@ __all__ = [
     "world_size",
     "Objective",
     "CrossEntropy",
+    "KDObjective",
+    "MaskedLM",
+    "MultiTaskCE",
+    "GradientReversal",
+    "grad_reverse",
+    "kd_loss",
     "forward",
     "logits_of",
     "latest_checkpoint",

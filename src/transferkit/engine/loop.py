@@ -47,7 +47,7 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -223,6 +223,9 @@ class TrainResult:
     best_step : step of the best evaluation (the last step without validation data).
     steps : optimizer steps done.
     out_dir : where ``history.json``, ``metrics.json`` and ``checkpoints/`` were written.
+    stopped_early : early stopping or an objective's ``after_step`` ended the run before ``total``.
+    outputs : the objective's per-sample outputs, ``(N, ...)`` tensors in the order of the first
+        stream's dataset (see :mod:`.objectives`); empty when the objective returns none.
     """
 
     metrics: dict[str, Any]
@@ -231,6 +234,7 @@ class TrainResult:
     steps: int
     out_dir: Path | None = None
     stopped_early: bool = False
+    outputs: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -466,12 +470,17 @@ def evaluate(model: nn.Module, data: Any, *, collate_fn: Callable | None = None,
 
 # -------------------------------------------------------------------------------------------- training
 class _Bundle(nn.Module):
-    """Model + objective as one module, so DDP syncs the objective's own parameters too."""
+    """Model + objective as one module, so DDP syncs the objective's own parameters too.
 
-    def __init__(self, model: nn.Module, objective: Any):
+    The objective's frozen parts are not submodules here (see :func:`_frozen_parts`): DDP, the
+    optimizer and the checkpoints never see them; ``train(mode)`` keeps them in eval mode.
+    """
+
+    def __init__(self, model: nn.Module, objective: Any, frozen: list[nn.Module]):
         super().__init__()
         self.model = model
         self.objective = objective
+        self.frozen = frozen  # a plain list: not registered as submodules
 
     def forward(self, batch: Any) -> Any:
         return self.objective(self.model, batch)
@@ -481,7 +490,46 @@ class _Bundle(nn.Module):
         self.model.train(mode)
         if isinstance(self.objective, nn.Module):
             self.objective.train(mode)
+        for m in self.frozen:
+            m.eval()
         return self
+
+
+@contextlib.contextmanager
+def _frozen_parts(objective: Any, model: nn.Module) -> Iterator[list[nn.Module]]:
+    """The objective's ``frozen`` sub-modules, for the run: no grad, eval, and not submodules of it.
+
+    They are moved out of the objective's ``_modules`` into plain attributes (``objective.teacher``
+    still works), so ``parameters()``, ``module_state`` and DDP skip them; everything is put back after.
+    """
+    names = tuple(getattr(objective, "frozen", ()) or ())
+    parts = []
+    for name in names:
+        m = getattr(objective, name, None)
+        if not isinstance(m, nn.Module):
+            raise ConfigError(f"objective declares frozen {name!r}, which is not an nn.Module "
+                              f"({type(m).__name__})")
+        parts.append(m)
+    model_params = {id(p) for p in model.parameters()}
+    if any(id(p) in model_params for m in parts for p in m.parameters()):
+        raise ConfigError("a frozen part of the objective shares parameters with the model")
+    flags = [[p.requires_grad for p in m.parameters()] for m in parts]
+    detached = {n: objective._modules.pop(n) for n in names
+                if isinstance(objective, nn.Module) and n in objective._modules}
+    for n, m in detached.items():
+        object.__setattr__(objective, n, m)
+    try:
+        for m in parts:
+            m.requires_grad_(False)
+            m.eval()
+        yield parts
+    finally:
+        for n, m in detached.items():
+            del objective.__dict__[n]
+            objective._modules[n] = m
+        for m, fl in zip(parts, flags):
+            for p, f in zip(m.parameters(), fl):
+                p.requires_grad_(f)
 
 
 def _make_accelerator(config: TrainConfig) -> Any:
@@ -515,7 +563,7 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def _select_trainable(model: nn.Module, trainable: Iterable[Any] | None) -> dict[str, bool]:
+def _select_trainable(model: nn.Module, trainable: Any) -> dict[str, bool]:
     """Apply a ``trainable`` selection to requires_grad; return the flags to restore afterwards."""
     if trainable is None:
         return {}
@@ -524,6 +572,11 @@ def _select_trainable(model: nn.Module, trainable: Iterable[Any] | None) -> dict
     named = dict(model.named_parameters())
     by_id = {id(p): n for n, p in named.items()}
     chosen: set[str] = set()
+    if callable(trainable) and not isinstance(trainable, nn.Module):
+        chosen = {n for n, p in named.items() if trainable(n, p)}
+        if not chosen:
+            raise ConfigError("the trainable predicate selects no parameter of the model")
+        trainable = []
     for item in trainable:
         if isinstance(item, torch.Tensor):
             if id(item) not in by_id:
@@ -542,11 +595,40 @@ def _select_trainable(model: nn.Module, trainable: Iterable[Any] | None) -> dict
     return saved
 
 
-def _build_optimizer(config: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    groups = [g for g in ({"params": decay, "weight_decay": config.weight_decay},
-                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+def _lr_groups(objective: Any, model: nn.Module, params: list[nn.Parameter]) -> list[tuple[float, list]]:
+    """``(lr_scale, params)`` groups: the objective's ``param_groups(model)``, the rest at scale 1 first."""
+    spec = objective.param_groups(model) if hasattr(objective, "param_groups") else []
+    trained = {id(p) for p in params}
+    owned = {id(p) for m in (model, objective) if isinstance(m, nn.Module) for p in m.parameters()}
+    placed: set[int] = set()
+    groups = []
+    for g in spec or []:
+        if not isinstance(g, Mapping) or "params" not in g or set(g) - {"params", "lr_scale"}:
+            raise ConfigError("param_groups must return dicts with 'params' and optionally 'lr_scale'")
+        scale = g.get("lr_scale", 1.0)
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < math.inf:
+            raise ConfigError(f"param group lr_scale must be a positive number, got {scale!r}")
+        chosen = []
+        for p in g["params"]:
+            if id(p) not in owned:
+                raise ConfigError("a parameter group holds a parameter of neither the model nor the objective "
+                                  "(frozen parts are not trained)")
+            if id(p) in placed:
+                raise ConfigError("a parameter is in more than one parameter group")
+            placed.add(id(p))
+            if id(p) in trained:
+                chosen.append(p)
+        groups.append((float(scale), chosen))
+    return [(1.0, [p for p in params if id(p) not in placed])] + groups
+
+
+def _build_optimizer(config: TrainConfig, lr_groups: list[tuple[float, list]]) -> torch.optim.Optimizer:
+    groups = []
+    for scale, params in lr_groups:
+        for ps, wd in (([p for p in params if p.ndim >= 2], config.weight_decay),
+                       ([p for p in params if p.ndim < 2], 0.0)):
+            if ps:
+                groups.append({"params": ps, "weight_decay": wd, "lr": config.lr * scale, "lr_scale": scale})
     if config.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=config.lr)
     if config.optimizer == "adam":
@@ -594,8 +676,8 @@ def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def train(model: nn.Module, train_data: Any, objective: Any = None, config: TrainConfig | Mapping | None = None,
           *, val_data: Any = None, collate_fn: Callable | None = None, out_dir: str | Path | None = None,
-          resume: bool = False, trainable: Iterable[Any] | None = None, metric: str = "accuracy",
-          accelerator: Any = None) -> TrainResult:
+          resume: bool = False, trainable: Iterable[Any] | Callable[[str, nn.Parameter], bool] | None = None,
+          metric: str | Callable[[nn.Module, Any], float] = "accuracy", accelerator: Any = None) -> TrainResult:
     """Train ``model`` in place with ``objective`` and return the curve and final metrics.
 
     Parameters
@@ -607,17 +689,22 @@ def train(model: nn.Module, train_data: Any, objective: Any = None, config: Trai
         (``{"source": ..., "target": ...}``) whose batches reach the objective as
         ``{"source": batch, "target": batch}``; an epoch is one pass over the first stream, the others
         cycle with their own seeded order.
-    objective : ``objective(model, batch) -> (mean loss, logs)``; default :class:`CrossEntropy`.
+    objective : ``objective(model, batch) -> (mean loss, logs)``, or an :class:`~.objectives.Objective`
+        (frozen parts, parameter groups, step hooks, per-sample outputs); default :class:`CrossEntropy`.
     config : a :class:`TrainConfig` or a mapping for :meth:`TrainConfig.from_dict`.
-    val_data : evaluated with :func:`evaluate` (accuracy, loss) for model selection / early stopping.
+    val_data : evaluated with :func:`evaluate` (accuracy, loss), or given as is to a scorer ``metric``,
+        for model selection / early stopping.
     collate_fn : turns a list of dataset items into a batch (default: torch's ``default_collate``;
         arrays are batched directly). A tuple batch ``(X, y)`` becomes ``{"inputs": X, "labels": y}``.
     out_dir : where ``history.json``, ``metrics.json`` and ``checkpoints/step-N/`` go (main process).
     resume : continue from the newest complete checkpoint in ``out_dir`` (from scratch if none).
-    trainable : parameter names (exact or module prefixes) or parameters to optimise; the others are
-        frozen for the run. Default: the parameters with ``requires_grad``. Trainable parameters of an
-        ``nn.Module`` objective are always optimised.
-    metric : validation metric for model selection: ``accuracy`` (higher is better) or ``loss``.
+    trainable : parameter names (exact or module prefixes) or parameters to optimise, or a predicate
+        ``trainable(name, param) -> bool`` over the model's named parameters; the others are frozen
+        for the run. Default: the parameters with ``requires_grad``. Trainable parameters of an
+        ``nn.Module`` objective are always optimised (its declared ``frozen`` parts never).
+    metric : validation metric for model selection: ``accuracy`` (higher is better), ``loss``, or a
+        scorer ``scorer(model, val_data) -> float`` with attributes ``name`` and ``higher_is_better``
+        (see :mod:`.objectives`, "Model selection"); it may be label-free.
     accelerator : an existing ``accelerate.Accelerator`` (default: one made from the config).
 
     Returns
@@ -625,8 +712,7 @@ def train(model: nn.Module, train_data: Any, objective: Any = None, config: Trai
     TrainResult
     """
     config = _coerce_config(config)
-    if metric not in ("accuracy", "loss"):
-        raise ConfigError(f"metric must be 'accuracy' or 'loss', got {metric!r}")
+    scorer = _check_metric(metric)
     if resume and out_dir is None:
         raise ConfigError("resume=True needs an out_dir holding checkpoints")
     if config.early_stopping_patience is not None and val_data is None:
@@ -637,20 +723,82 @@ def train(model: nn.Module, train_data: Any, objective: Any = None, config: Trai
     if not callable(objective):
         raise ConfigError(f"objective must be callable, got {type(objective).__name__}")
     streams = _streams(train_data, batched=collate_fn is None)
-    val = _as_dataset(val_data, "validation data", batched=collate_fn is None) if val_data is not None else None
+    if val_data is None or scorer is not None:
+        val = val_data
+    else:
+        val = _as_dataset(val_data, "validation data", batched=collate_fn is None)
     out = Path(out_dir) if out_dir is not None else None
 
     saved_flags = _select_trainable(model, trainable)
     try:
-        return _train(model, streams, objective, config, val, collate_fn, out, resume, metric,
-                      accelerator)
+        with _frozen_parts(objective, model) as frozen:
+            return _train(model, streams, objective, frozen, config, val, collate_fn, out, resume,
+                          metric if scorer is None else scorer.name, scorer, accelerator)
     finally:
         for n, p in model.named_parameters():
             if n in saved_flags:
                 p.requires_grad_(saved_flags[n])
 
 
-def _train(model, streams, objective, config, val, collate_fn, out, resume, metric, accelerator):
+def _check_metric(metric: Any) -> Any:
+    """None for ``accuracy``/``loss``; the scorer itself for a scorer; a ConfigError otherwise."""
+    if isinstance(metric, str):
+        if metric not in ("accuracy", "loss"):
+            raise ConfigError(f"metric must be 'accuracy', 'loss' or a scorer, got {metric!r}")
+        return None
+    name, hib = getattr(metric, "name", None), getattr(metric, "higher_is_better", None)
+    if not callable(metric) or not isinstance(name, str) or not name or not isinstance(hib, bool):
+        raise ConfigError("metric must be 'accuracy', 'loss' or a scorer: a callable scorer(model, val_data) "
+                          "with a str `name` and a bool `higher_is_better`")
+    return metric
+
+
+def _score(scorer: Any, model: nn.Module, val_data: Any, acc: Any) -> float:
+    """``scorer(model, val_data)`` in eval mode without gradients; rank 0's value on every rank."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            value = float(scorer(model, val_data))
+    finally:
+        model.train(was_training)
+    if acc.num_processes > 1:
+        from accelerate.utils import broadcast
+
+        value = float(broadcast(torch.tensor([value], dtype=torch.float64, device=acc.device), from_process=0)[0])
+    return value
+
+
+def _gather_outputs(parts: dict[str, list[tuple[torch.Tensor, int, torch.Tensor]]], n: int, acc: Any
+                    ) -> dict[str, torch.Tensor]:
+    """Per-sample outputs ``{name: [(indices, step, values), ...]}`` of every rank as ``(n, ...)`` tensors.
+
+    Rows are ordered by (step, rank, local order) and the latest visit of a sample wins; unvisited
+    rows are NaN (floating outputs) or -1.
+    """
+    world, rank, device = acc.num_processes, acc.process_index, acc.device
+    result = {}
+    for name, chunks in parts.items():
+        idx = torch.cat([c[0] for c in chunks])
+        key = torch.cat([torch.full((len(c[0]),), c[1] * world + rank, dtype=torch.long) for c in chunks])
+        val = torch.cat([c[2] for c in chunks])
+        if val.dtype == torch.bool:
+            val = val.long()
+        if world > 1:  # every rank holds the same number of rows (equal shards, same steps)
+            idx, key, val = (acc.gather(t.to(device)).cpu() for t in (idx, key, val))
+        order = torch.argsort(key, stable=True)
+        idx, val = idx[order], val[order]
+        rev = idx.flip(0).numpy()
+        uniq, first_in_rev = np.unique(rev, return_index=True)
+        last = len(rev) - 1 - first_in_rev
+        fill = float("nan") if val.is_floating_point() else -1
+        table = torch.full((n, *val.shape[1:]), fill, dtype=val.dtype)
+        table[torch.as_tensor(uniq)] = val[torch.as_tensor(last)]
+        result[name] = table
+    return result
+
+
+def _train(model, streams, objective, frozen, config, val, collate_fn, out, resume, metric, scorer, accelerator):
     acc = accelerator if accelerator is not None else _make_accelerator(config)
     world, rank, main = acc.num_processes, acc.process_index, acc.is_main_process
     k = config.grad_accum
@@ -667,10 +815,15 @@ def _train(model, streams, objective, config, val, collate_fn, out, resume, metr
         raise ConfigError("nothing to train: no parameter requires grad")
 
     home = next(iter(model.parameters()), torch.empty(0)).device
-    bundle = _Bundle(model, objective)
-    optimizer = _build_optimizer(config, params)
+    frozen_homes = [next(iter([*m.parameters(), *m.buffers()]), torch.empty(0)).device for m in frozen]
+    bundle = _Bundle(model, objective, frozen)
+    optimizer = _build_optimizer(config, _lr_groups(objective, model, params))
     bundle, optimizer = acc.prepare(bundle, optimizer)
     device = acc.device
+    for m in frozen:
+        m.to(device)
+    before_step = getattr(objective, "before_step", None)
+    after_step = getattr(objective, "after_step", None)
 
     # ---- schedule of micro-batches
     main_ds = streams[0][1]
@@ -683,7 +836,7 @@ def _train(model, streams, objective, config, val, collate_fn, out, resume, metr
         optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
         lambda s: lr_factor(s, total, warmup, config.scheduler))
     collates = [_collate_for(ds, collate_fn) for _, ds in streams]
-    higher_better = metric != "loss"
+    higher_better = scorer.higher_is_better if scorer is not None else metric != "loss"
     restore = config.restore_best or config.early_stopping_patience is not None
 
     # ---- state (fresh or resumed)
@@ -696,6 +849,7 @@ def _train(model, streams, objective, config, val, collate_fn, out, resume, metr
     running: dict[str, torch.Tensor] = {}  # size-weighted sums of the logs since the last record
     running_n = 0
     last_eval_step = -1
+    outputs: dict[str, list[tuple[torch.Tensor, int, torch.Tensor]]] = {}
     ckpt_root = out / "checkpoints" if out is not None else None
     fingerprint = {"world_size": world, "n_train": [len(ds) for _, ds in streams],
                    "streams": [name for name, _ in streams]}
@@ -800,10 +954,11 @@ def _train(model, streams, objective, config, val, collate_fn, out, resume, metr
                        for si, ((_, ds), b, c) in enumerate(zip(streams, per_stream, collates))]
             it = zip(*loaders)
             for g_start in range(j0, j1, k):
-                sizes = [len(b) for b in main_batches[g_start: min(g_start + k, j1)]]
+                group = main_batches[g_start: min(g_start + k, j1)]
+                sizes = [len(b) for b in group]
                 group_n = sum(sizes)
-                if hasattr(objective, "on_step"):
-                    objective.on_step(step, total)
+                if before_step is not None:
+                    before_step(step, total)
                 _reseed(_mix(config.seed, 1, step, rank), device)
                 for i, size in enumerate(sizes):
                     raws = next(it)
@@ -814,10 +969,19 @@ def _train(model, streams, objective, config, val, collate_fn, out, resume, metr
                     batch = _to_device(batch, device)
                     sync = contextlib.nullcontext() if i == len(sizes) - 1 else acc.no_sync(bundle)
                     with sync:
-                        loss, logs = bundle(batch)
-                        if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
-                            raise ConfigError("objective must return a scalar loss tensor and a dict of logs")
+                        res = bundle(batch)
+                        if not isinstance(res, (tuple, list)) or len(res) not in (2, 3) \
+                                or not isinstance(res[0], torch.Tensor) or res[0].ndim != 0:
+                            raise ConfigError("objective must return a scalar loss tensor, a dict of logs and "
+                                              "optionally a dict of per-sample outputs")
+                        loss, logs = res[0], res[1]
                         acc.backward(loss * (size / group_n))
+                    for key, value in (res[2] if len(res) == 3 else {}).items():
+                        if not isinstance(value, torch.Tensor) or value.ndim == 0 or len(value) != size:
+                            raise ConfigError(f"per-sample output {key!r} must be a tensor with one row per "
+                                              f"sample of the batch ({size})")
+                        outputs.setdefault(key, []).append(
+                            (torch.as_tensor(group[i], dtype=torch.long), step, value.detach().cpu()))
                     for key, value in {"loss": loss, **(logs or {})}.items():
                         v = value.detach().float().reshape(()) if isinstance(value, torch.Tensor) \
                             else torch.tensor(float(value), device=device)
@@ -825,28 +989,34 @@ def _train(model, streams, objective, config, val, collate_fn, out, resume, metr
                     running_n += size
                 if config.max_grad_norm is not None:
                     acc.clip_grad_norm_(params, config.max_grad_norm)
-                lr = optimizer.param_groups[0]["lr"]
+                lr = optimizer.param_groups[0]["lr"] / optimizer.param_groups[0].get("lr_scale", 1.0)
                 optimizer.step()
                 if not acc.optimizer_step_was_skipped:
                     scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
+                if after_step is not None and after_step(step, total, model):
+                    stopped = True
                 step += 1
 
                 end_of_epoch = g_start + k >= nb
                 do_eval = val is not None and (
-                    step == total
+                    step == total or stopped
                     or (config.eval_every is not None and step % config.eval_every == 0)
                     or (config.eval_every is None and end_of_epoch))
                 rec: dict[str, Any] = {}
                 if step % config.log_every == 0 or do_eval or step == total or end_of_epoch:
                     flush(rec)
                 if do_eval:
-                    ev = evaluate(model, val, collate_fn=collate_fn, batch_size=config.eval_batch_size,
-                                  accelerator=acc)
+                    if scorer is None:
+                        ev = evaluate(model, val, collate_fn=collate_fn, batch_size=config.eval_batch_size,
+                                      accelerator=acc)
+                        rec.update({f"val_{x}": v for x, v in ev.items() if x != "n"})
+                        value = ev[metric]
+                    else:
+                        value = _score(scorer, model, val, acc)
+                        rec[f"val_{metric}"] = value
                     bundle.train()
                     last_eval_step = step
-                    rec.update({f"val_{x}": v for x, v in ev.items() if x != "n"})
-                    value = ev[metric]
                     improved = best["value"] is None or (
                         value > best["value"] if higher_better else value < best["value"])
                     if improved:
@@ -896,17 +1066,20 @@ def _train(model, streams, objective, config, val, collate_fn, out, resume, metr
         "world_size": world,
     })
     write_files(metrics)
+    gathered = _gather_outputs(outputs, n_main, acc)
     acc.wait_for_everyone()
     bundle.train()
     if device != home:
         for m in modules:
             m.to(home)
+    for m, h in zip(frozen, frozen_homes):
+        m.to(h)
     if accelerator is None:  # drop the accelerator's references to the wrapped model and optimizer
         for attr in ("_models", "_optimizers", "_schedulers", "_dataloaders"):
             if isinstance(getattr(acc, attr, None), list):
                 getattr(acc, attr).clear()
     return TrainResult(metrics=metrics, history=history, best_step=metrics["best_step"], steps=step,
-                       out_dir=out, stopped_early=stopped)
+                       out_dir=out, stopped_early=stopped, outputs=gathered)
 
 
 def _check_resumable(state: dict, config: TrainConfig, fingerprint: dict, path: Path) -> None:

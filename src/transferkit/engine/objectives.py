@@ -22,32 +22,89 @@ over the batch (the engine weights micro-batches by their size, so accumulation 
 ``logs`` maps names to floats or 0-dim tensors (tensors avoid a device sync per step); they are averaged
 into the training history as ``train_<name>``.
 
-An objective that is an ``nn.Module`` may hold its own modules: its trainable parameters are optimised
-with the model's and saved in checkpoints, frozen ones (a KD teacher) are moved to the device and left
-alone. The engine calls ``objective.train(mode)`` with the model's mode; override ``train`` to keep a
-teacher in eval mode. An optional ``objective.on_step(step, total_steps)`` is called before every
-optimizer step (for schedules such as the DANN gradient-reversal weight).
+An objective that needs more subclasses :class:`Objective` (an ``nn.Module``; ``forward(model, batch)``
+does the maths). Its own trainable parameters (a DANN discriminator) are optimised with the model's,
+saved in checkpoints and synchronised by DDP. The rest of the contract, all optional:
+
+- ``frozen``: names of sub-module attributes (``("teacher",)``) that are constant for the run. The
+  engine keeps them in eval mode (BatchNorm statistics do not move) with ``requires_grad`` off, moves
+  them to the device itself and keeps them out of the optimizer, the checkpoints and the DDP wrapper
+  (so a teacher used under ``no_grad`` cannot stall DDP's gradient reduction). They must not share
+  parameters with the model. A part that changes during the run (an EMA teacher updated in
+  ``after_step``) is not saved in checkpoints when frozen; a resumed run starts from its value at
+  the start of the resumed call.
+- ``param_groups(model)``: a list of ``{"params": [...], "lr_scale": s}`` dicts; each group's learning
+  rate is ``s × TrainConfig.lr`` and follows the same schedule (warm-up, decay). Parameters named in no
+  group train at ``lr_scale`` 1; a parameter may be in one group only; parameters that are not trained
+  (frozen, or outside ``trainable``) are dropped from the groups. Weight decay still applies only to
+  parameters with 2 or more dimensions, in every group. Example: a new head at 10× the body's lr,
+  ``[{"params": list(model.head.parameters()), "lr_scale": 10.0}]``.
+- ``before_step(step, total)`` and ``after_step(step, total, model)``: called around every optimizer
+  step — ``before_step``, then the step's forward/backward passes, the optimizer step, then
+  ``after_step`` — with ``step`` the 0-based index of that update (the same number for both) and
+  ``total`` the planned number of updates. ``before_step`` sets scheduled coefficients (a
+  gradient-reversal λ, see :class:`GradientReversal`); ``after_step`` receives the model (unwrapped,
+  on the training device) for EMA teachers or stochastic restore, and may return ``True`` to end the
+  run after this step (every process must return the same). Plain callables may carry these methods
+  too.
+- Per-sample outputs: ``forward`` may return ``(loss, logs, outputs)`` where ``outputs`` maps names to
+  tensors whose first dimension is the batch (the first stream's batch for named streams), e.g. the
+  predictions test-time adaptation makes while it adapts. The engine detaches them, gathers them
+  from every process and returns them in :attr:`TrainResult.outputs` as ``(N, ...)`` tensors in the
+  order of the first stream's dataset: a sample seen more than once (several epochs, or the
+  wrap-around padding of a multi-process shard) holds the value of its latest step; a sample never
+  seen holds NaN (-1 for integer outputs; booleans come back as int64). Outputs cover the steps of
+  this call (not those before a resume).
+
+Model selection
+---------------
+``train(..., metric=...)`` takes ``"accuracy"``, ``"loss"`` or a *scorer*: a callable
+``scorer(model, val_data) -> float`` with a ``name`` (str; the history key is ``val_<name>``) and
+``higher_is_better`` (bool). It receives ``val_data`` exactly as passed to ``train`` — label-free scorers
+work on unlabelled data (inputs only) — and the model in eval mode under ``torch.no_grad()``; with
+several processes each computes it on the whole data and rank 0's value is used.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 
-__all__ = ["Objective", "CrossEntropy", "forward", "logits_of"]
+__all__ = ["Objective", "CrossEntropy", "KDObjective", "MaskedLM", "MultiTaskCE", "GradientReversal",
+           "grad_reverse", "kd_loss", "forward", "logits_of"]
 
 
-@runtime_checkable
-class Objective(Protocol):
-    """Turns ``(model, batch)`` into ``(mean loss, logs)``."""
+class Objective(nn.Module):
+    """Base class of engine objectives: ``forward(model, batch) -> (mean loss, logs[, outputs])``.
 
-    def __call__(self, model: nn.Module, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]: ...
+    See the module docstring for ``frozen``, :meth:`param_groups`, the step hooks and per-sample
+    outputs. The defaults declare nothing: no frozen parts, one parameter group, no-op hooks.
+    """
+
+    frozen: tuple[str, ...] = ()
+
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        """Parameter groups with their own lr: ``[{"params": [...], "lr_scale": s}, ...]``."""
+        return []
+
+    def before_step(self, step: int, total: int) -> None:
+        """Called before the forward/backward passes of update ``step`` (0-based) of ``total``."""
+
+    def after_step(self, step: int, total: int, model: nn.Module) -> bool | None:
+        """Called after update ``step``; return True to end the run there."""
+        return None
+
+    def train(self, mode: bool = True) -> Objective:
+        super().train(mode)
+        for name in self.frozen:
+            getattr(self, name).eval()
+        return self
 
 
 def forward(model: nn.Module, inputs: Any) -> torch.Tensor:
@@ -76,7 +133,7 @@ def _labels(batch: Mapping[str, Any]) -> torch.Tensor:
     return batch["labels"]
 
 
-class CrossEntropy(nn.Module):
+class CrossEntropy(Objective):
     """Mean cross-entropy of ``forward(model, batch["inputs"])`` against ``batch["labels"]``.
 
     Parameters
@@ -110,3 +167,151 @@ class CrossEntropy(nn.Module):
         with torch.no_grad():
             acc = (logits.argmax(-1) == labels).float().mean()
         return loss, {"accuracy": acc}
+
+
+# ------------------------------------------------------------------------------- gradient reversal
+class _GradReverse(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, lambda_: float) -> torch.Tensor:
+        ctx.lambda_ = lambda_
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return -ctx.lambda_ * grad, None
+
+
+def grad_reverse(x: torch.Tensor, lambda_: float = 1.0) -> torch.Tensor:
+    """Identity forward; the backward pass multiplies the gradient by ``-lambda_`` (Ganin & Lempitsky)."""
+    return _GradReverse.apply(x, float(lambda_))
+
+
+class GradientReversal(nn.Module):
+    """:func:`grad_reverse` as a layer; set ``lambda_`` from an objective's ``before_step`` to schedule it."""
+
+    def __init__(self, lambda_: float = 1.0):
+        super().__init__()
+        self.lambda_ = float(lambda_)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return grad_reverse(x, self.lambda_)
+
+
+# ------------------------------------------------------------------------------- distillation
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 2.0) -> torch.Tensor:
+    """Hinton KD: ``T² · mean_b KL(softmax(t_b/T) ‖ softmax(s_b/T))``; gradient ``(T/B)(p_s − p_t)``."""
+    T = float(temperature)
+    return F.kl_div(F.log_softmax(student_logits / T, -1), F.log_softmax(teacher_logits.to(student_logits.dtype) / T, -1),
+                    reduction="batchmean", log_target=True) * T * T
+
+
+class KDObjective(Objective):
+    """Distillation objective: ``kd_loss(student, teacher logits, T) + hard_weight·CE``.
+
+    The teacher logits are ``batch["teacher_logits"]`` (computed beforehand, as Trans-LoRA does), or,
+    when a ``teacher`` module is given, ``forward(teacher, batch["inputs"])`` under ``no_grad``. The
+    teacher is declared ``frozen``: eval mode, no gradient, outside the optimizer, the checkpoints and
+    DDP. The cross-entropy term uses ``batch["labels"]`` where they are ≥ 0 (true labels of the seeds;
+    synthetic rows carry -1). Logs ``kd``, ``ce`` and ``agreement`` (argmax student = argmax teacher).
+    """
+
+    def __init__(self, temperature: float = 2.0, hard_weight: float = 0.0, teacher: nn.Module | None = None):
+        super().__init__()
+        if not float(temperature) > 0:
+            raise ConfigError(f"KD temperature must be > 0, got {temperature}")
+        if float(hard_weight) < 0:
+            raise ConfigError(f"KD hard_weight must be >= 0, got {hard_weight}")
+        self.temperature, self.hard_weight = float(temperature), float(hard_weight)
+        self.teacher = teacher
+        self.frozen = ("teacher",) if teacher is not None else ()
+
+    def forward(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+        logits = forward(model, batch["inputs"])
+        if self.teacher is not None:
+            with torch.no_grad():
+                teacher = forward(self.teacher, batch["inputs"])
+        else:
+            teacher = batch["teacher_logits"]
+        kd = kd_loss(logits, teacher, self.temperature)
+        loss, logs = kd, {"kd": kd.detach()}
+        labels = batch.get("labels")
+        if self.hard_weight > 0 and labels is not None:
+            has = labels >= 0
+            ce = F.cross_entropy(logits[has], labels[has]) if bool(has.any()) else logits.new_zeros(())
+            loss = loss + self.hard_weight * ce * has.float().mean()
+            logs["ce"] = ce.detach()
+        with torch.no_grad():
+            logs["agreement"] = (logits.argmax(-1) == teacher.argmax(-1)).float().mean()
+        return loss, logs
+
+
+# ------------------------------------------------------------------------------- masked LM
+class MaskedLM(Objective):
+    """Masked-language-model objective for BERT-style encoders.
+
+    ``batch["inputs"]`` is tokenizer output (``input_ids``, ``attention_mask``, …); the model is a
+    Hugging Face ``*ForMaskedLM``. Each real, non-special token is selected with ``probability``; of
+    the selected, 80 % become ``mask_token_id``, 10 % a random token, 10 % stay (Devlin et al.); the
+    loss is the cross-entropy on the selected tokens (at least one per batch). Logs ``mlm_accuracy``.
+    Randomness comes from the global torch RNG, which the engine reseeds per step (reproducible).
+    """
+
+    def __init__(self, mask_token_id: int, vocab_size: int, special_ids: list[int] | tuple[int, ...] = (),
+                 probability: float = 0.15):
+        super().__init__()
+        if not 0 < probability < 1:
+            raise ConfigError(f"mlm_probability must be in (0, 1), got {probability}")
+        self.mask_token_id, self.vocab_size = int(mask_token_id), int(vocab_size)
+        self.special_ids = sorted({int(i) for i in special_ids})
+        self.probability = float(probability)
+
+    def mask_tokens(self, ids: torch.Tensor, attention: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        maskable = attention.bool()
+        for s in self.special_ids:
+            maskable &= ids != s
+        chosen = (torch.rand(ids.shape, device=ids.device) < self.probability) & maskable
+        if not chosen.any() and maskable.any():  # at least one target per batch
+            flat = torch.nonzero(maskable.reshape(-1)).reshape(-1)
+            pick = flat[torch.randint(flat.numel(), (1,), device=ids.device)]
+            chosen.view(-1)[pick] = True
+        labels = torch.where(chosen, ids, torch.full_like(ids, -100))
+        u = torch.rand(ids.shape, device=ids.device)
+        masked = ids.clone()
+        masked[chosen & (u < 0.8)] = self.mask_token_id
+        rand = chosen & (u >= 0.8) & (u < 0.9)
+        masked[rand] = torch.randint(self.vocab_size, (int(rand.sum()),), device=ids.device)
+        return masked, labels
+
+    def forward(self, model: nn.Module, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+        inputs = dict(batch["inputs"])
+        ids, labels = self.mask_tokens(inputs["input_ids"], inputs["attention_mask"])
+        inputs["input_ids"] = ids
+        out = model(**inputs)
+        logits = out.logits if hasattr(out, "logits") else out
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
+        with torch.no_grad():
+            sel = labels != -100
+            acc = (logits.argmax(-1)[sel] == labels[sel]).float().mean()
+        return loss, {"mlm_accuracy": acc}
+
+
+# ------------------------------------------------------------------------------- multi-task
+class MultiTaskCE(Objective):
+    """Mean cross-entropy over rows, each scored by its own task's head (batch key ``task_ids``).
+
+    The model has ``features(inputs, task_ids)`` and ``heads`` indexed by task id (the
+    ``MultiTaskClassifier`` of :mod:`transferkit.tune.scalearn`). Logs ``accuracy``.
+    """
+
+    def forward(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+        tids, labels = batch["task_ids"], batch["labels"]
+        feats = model.features(batch["inputs"], tids)
+        loss = feats.new_zeros(())
+        correct = feats.new_zeros(())
+        for t in torch.unique(tids).tolist():
+            rows = tids == t
+            logits = model.heads[t](feats[rows])
+            loss = loss + F.cross_entropy(logits, labels[rows], reduction="sum")
+            correct = correct + (logits.argmax(-1) == labels[rows]).float().sum()
+        n = max(int(labels.shape[0]), 1)
+        return loss / n, {"accuracy": correct / n}
