@@ -294,7 +294,7 @@ def atlas_merge(zm, deltas, trains, shots: int, seed: int, init: float, epochs: 
     backbone = copy.deepcopy(zm.backbone)
     composer = AnisotropicScaling(backbone, body_deltas, blockwise=True, init=init, seed=seed)
     res = fit_atlas(composer, (X, torch.tensor(labels)), _HeadsObjective(heads), epochs=epochs, lr=lr,
-                    batch_size=32, seed=seed, engine=False)
+                    batch_size=32, seed=seed)
     merged = Delta(deltas[0].base, "full", {pre + k: v for k, v in res.delta.tensors.items()},
                    {"method": "atlas", "n_trainable": composer.n_trainable, "shots": shots, "init": init})
     return merged, composer.n_trainable, res.history

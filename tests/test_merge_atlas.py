@@ -124,8 +124,7 @@ def _accuracy(model, X, y):
         return float((model(X).argmax(1) == y).float().mean())
 
 
-@pytest.mark.parametrize("engine", [False, True])
-def test_learned_anisotropic_scaling_beats_uniform_task_arithmetic(engine):
+def test_learned_anisotropic_scaling_beats_uniform_task_arithmetic():
     base, deltas, X, y, TwoBlock = _two_block_problem()
     Xtr, ytr = few_shot(X[:400], y[:400], shots=16, seed=0)   # few-shot: 16 labelled examples per class
     Xte, yte = X[400:], y[400:]
@@ -136,9 +135,9 @@ def test_learned_anisotropic_scaling_beats_uniform_task_arithmetic(engine):
         m.load_state_dict(base.state_dict())
         best_ta = max(best_ta, _accuracy(apply(m, task_arithmetic(deltas, lam)), Xte, yte))
     comp = AnisotropicScaling(base, deltas)
-    res = fit_atlas(comp, (Xtr, ytr), epochs=30, lr=0.05, weight_decay=0.0, batch_size=16, engine=engine)
+    res = fit_atlas(comp, (Xtr, ytr), epochs=30, lr=0.05, weight_decay=0.0, batch_size=16)
     acc = _accuracy(comp, Xte, yte)
-    assert res.trainer == ("engine" if engine else "local")
+    assert res.history and "train_loss" in res.history[-1]
     assert acc > best_ta + 0.1, (acc, best_ta)
     c = res.coefficients
     # the learned coefficients pick each task's useful block and suppress its harmful one

@@ -161,14 +161,18 @@ def _split_optional(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
-def _type_name(tp: Any) -> str:
+_TYPE_NAMES = {int: ("an integer", "integers"), float: ("a number", "numbers"), bool: ("true or false", "booleans"),
+               str: ("a string", "strings"), dict: ("a mapping", "mappings")}
+
+
+def _type_name(tp: Any, plural: bool = False) -> str:
     origin = typing.get_origin(tp)
     if origin is list:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}s"
+        return f"a list of {_type_name(typing.get_args(tp)[0], plural=True)}"
     if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string",
-            dict: "a mapping"}.get(tp, getattr(tp, "__name__", str(tp)))
+        return " or ".join(_type_name(a, plural) for a in typing.get_args(tp))
+    names = _TYPE_NAMES.get(tp)
+    return names[plural] if names else getattr(tp, "__name__", str(tp))
 
 
 def _coerce(tp: Any, value: Any, what: str) -> Any:
@@ -281,7 +285,7 @@ def options_of(method: Method) -> list[dict[str, Any]]:
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         row = {"name": f.name, "type": _type_name(_split_optional(hints[f.name])[0]), "default": default}
-        row.update({k: v for k, v in f.metadata.items() if v not in (None, False, "")})
+        row.update({k: v for k, v in f.metadata.items() if not (v is None or v is False or v == "")})
         out.append(row)
     return out
 

@@ -6,7 +6,8 @@ Functional API — Deltas in, Delta out (apply the result with :func:`transferki
 ``task_arithmetic(deltas, lam=1.0)``         Σ λ τ_t (Ilharco et al., ICLR 2023); ``negate``, ``analogy``
 ``ties(deltas, k=0.2, lam=None, scope="global"|"per_tensor", agg="mean"|"sum")``
                                              TIES-Merging (Yadav et al., NeurIPS 2023)
-``dare(delta, p=0.9, seed=0)``               Drop And REscale (Yu et al., ICML 2024); ``dare_merge``
+``dare(delta, p=0.9, seed=0)``               Drop And REscale (Yu et al., ICML 2024); ``dare_merge``,
+                                             ``dare_linear``, ``dare_ties``
 ``average(deltas, weights=None)``            weighted average; ``uniform_soup``, ``greedy_soup``
                                              (Wortsman et al., ICML 2022)
 ``compute_fisher(model, batches, *, empirical=False)`` / ``fisher_merge(models_or_deltas, fishers)``
@@ -28,21 +29,40 @@ tensors) are dropped from the result and listed in ``meta["heads_dropped"]``; us
 :func:`attach_head` to evaluate the merged body with one task's head; integer tensors are never
 averaged; tensors a Delta lacks count as zero. ``lora``/``sparse`` Deltas are densified
 (``to_dense``) by every method except :func:`merge_lora`.
+
+The merge methods of ``transferkit merge`` are registered in :mod:`transferkit.registry` (stage
+``merge``; ``registry.methods("merge")``) with typed options. Library API for running them (what the CLI
+and the pipeline call):
+
+==============================================================  ===========================================
+``merge_deltas(method, deltas, options, *, weights=None)``       any registered method, options validated
+                                                                 (:mod:`.run`)
+``evaluate_merged(merged, deltas, tasks=None, base=None)``       held-out accuracy of merged vs individual
+                                                                 on each run's recorded split (:mod:`.tasks`)
+``build_spec(config, ...)`` / ``run_merge(spec, out)``           a mergekit-style YAML → a merge folder
+                                                                 (:mod:`.spec`, :mod:`.run`)
+==============================================================  ===========================================
 """
 
-from ._common import attach_head, heads
-from .average import average, greedy_soup, uniform_soup
-from .dare import LargeDeltaWarning, dare, dare_merge
-from .fisher import compute_fisher, fisher_merge
-from .lora import ab_linear_error, merge_lora
-from .task_arithmetic import analogy, negate, task_arithmetic
-from .ties import ties
+from ._common import MergeOptions, attach_head, heads
+from .average import average, greedy_soup, uniform_soup  # noqa: I001 - import order = registry (and --list) order
+from .task_arithmetic import SparseOptions, TaskArithmeticOptions, analogy, negate, task_arithmetic
+from .ties import TiesConsensus, TiesOptions, ties
+from .dare import DareOptions, DareTiesOptions, LargeDeltaWarning, dare, dare_linear, dare_merge, dare_ties
+from .fisher import FisherOptions, compute_fisher, fisher_merge
+from .lora import LoraOptions, ab_linear_error, merge_lora
 from .atlas import AnisotropicScaling, few_shot, fit_atlas, fit_negation
 from .signatures import Signature, compose, patch, reestimate_bn, robust_signature
 from .streaming import stream_merge
+from .spec import MergeSpec, build_spec, parse_options
+from .run import merge_deltas, run_merge
+from .tasks import evaluate_merged, task_split
 
 __all__ = [
-    "attach_head", "heads", "average", "greedy_soup", "uniform_soup", "dare", "dare_merge",
+    "attach_head", "heads", "average", "greedy_soup", "uniform_soup", "dare", "dare_merge", "dare_linear",
+    "dare_ties", "MergeOptions", "TaskArithmeticOptions", "SparseOptions", "TiesConsensus", "TiesOptions",
+    "DareOptions", "DareTiesOptions", "FisherOptions", "LoraOptions", "MergeSpec", "build_spec", "parse_options",
+    "merge_deltas", "run_merge", "evaluate_merged", "task_split",
     "LargeDeltaWarning", "compute_fisher", "fisher_merge", "ab_linear_error", "merge_lora", "analogy",
     "negate", "task_arithmetic", "ties",
     "stream_merge", "AnisotropicScaling", "fit_atlas", "fit_negation", "few_shot", "Signature", "robust_signature", "compose",

@@ -12,16 +12,55 @@ Conventions every merge method follows:
 - integer/bool tensors are never averaged: they are left out of the result (so ``apply`` leaves the
   base's value) and listed in ``meta["skipped"]``;
 - arithmetic runs in at least float32 and the result keeps that dtype (``apply`` casts to the model's).
+
+Every merge method registers once, where it lives, in :mod:`transferkit.registry` (stage ``merge``) with a
+typed options dataclass. The options of the task-vector methods are one shape grown by inheritance, as in
+mergekit's "generalized task arithmetic": :class:`MergeOptions` (``exclude``) →
+:class:`~transferkit.merge.task_arithmetic.TaskArithmeticOptions` (+ ``lam``) →
+:class:`~transferkit.merge.task_arithmetic.SparseOptions` (+ ``density``, the fraction a sparsification
+keeps) → TIES (+ the sign-consensus options of :class:`~transferkit.merge.ties.TiesConsensus`) and DARE
+(+ ``p``, ``seed``); DARE-TIES is DARE plus the same consensus mixin. Each options class knows the keyword
+arguments of its method's function (:meth:`MergeOptions.kwargs`). The registry entry's ``info`` says
+how the generic runner (:func:`transferkit.merge.run.merge_deltas`) treats it: ``streamable`` (checkpoints
+merge tensor by tensor), ``per_layer`` (per-layer weights/λ), ``weights`` (how per-model weights act:
+``normalized``, ``coefficient`` (λ·w_t), ``prescale`` (w_t·τ_t before merging), ``kwarg`` (passed as
+``weights=``) or None (no weights)), ``n_models``, ``needs_data`` (Fisher), ``delta_kind``.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 import torch
 
 from ..delta import NEW, Delta, to_dense
 from ..errors import ConfigError
+from ..registry import option
+
+
+@dataclass
+class MergeOptions:
+    """Options every task-vector merge takes; subclasses add theirs (see the module docstring).
+
+    Cross-field checks go in :meth:`validate` (raise ``ValueError``: the registry turns it into a one-line
+    ConfigError); :meth:`kwargs` gives the keyword arguments of the method's registered function.
+    """
+
+    exclude: list[str] | str = option([], help="tensor names, or prefixes ending in '.', left at the base")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if isinstance(self.exclude, str):
+            self.exclude = [self.exclude]
+        if not isinstance(self.exclude, (list, tuple)) or not all(isinstance(x, str) for x in self.exclude):
+            raise ValueError(f"exclude must be a list of tensor names or prefixes, got {self.exclude!r}")
+
+    def kwargs(self, *, checkpoint: bool = False) -> dict[str, Any]:
+        """Keyword arguments of the registered function (``checkpoint``: of :func:`stream_merge`)."""
+        return {"exclude": tuple(self.exclude)}
 
 
 def check_deltas(deltas: Sequence[Delta] | Iterable[Delta], what: str = "merge", min_n: int = 1) -> list[Delta]:

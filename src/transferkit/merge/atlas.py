@@ -27,9 +27,8 @@ reference: the model starts as the base).
 Training (:func:`fit_atlas`). Defaults from the reference: AdamW, lr 1e-3, weight decay 0.1, cosine
 schedule; the reference trains 20 epochs on validation splits (task addition) or on k shots per
 class (few-shot, :func:`few_shot`). Optional L1 penalty ``l1·Σ|λ|``. It runs on
-:func:`transferkit.engine.train` (``engine=True``, default; the composed module is an ordinary
-``nn.Module`` whose only trainable parameter is ``coef``) or on a small local loop
-(``engine=False``, full-batch-capable and dependency-free, used for quick experiments).
+:func:`transferkit.engine.train` (the composed module is an ordinary ``nn.Module`` whose only
+trainable parameter is ``coef``).
 
 Which tensors. Blocks are the base model's **parameters** that some Delta changes (Delta tensors
 that are buffers — BatchNorm statistics — are left at the base and listed in ``skipped``; heads
@@ -43,8 +42,11 @@ step), AdamW (weight decay 0.1) with gradient-norm clipping at 1, constant lr (d
 reference uses 1e-3 times a per-dataset multiplier of 2–10, for 2–20 epochs); after every epoch the
 model is evaluated and the coefficients with the lowest target accuracy whose every control keeps
 ≥ ``keep`` (0.95) of its accuracy at λ = 0 are kept; training stops at the first epoch where a
-control falls below that. The reference trains and selects on the validation splits; so does the
-benchmark (``benchmarks/merge_negation_pretrained.py``), which reports test on disjoint data.
+control falls below that. It runs on :func:`transferkit.engine.train` with the two streams
+``{"target": ..., "control": ...}`` (an epoch is a pass over the target data; the control data cycles
+in its own seeded order) and the per-epoch evaluation in the objective's ``after_step`` hook. The
+reference trains and selects on the validation splits; so does the benchmark
+(``benchmarks/merge_negation_pretrained.py``), which reports test on disjoint data.
 
 Not implemented: the linearised (tangent / JVP) variant, LP++/Tip-adapter combinations and the
 unsupervised test-time objective (``learn_ufm.py``).
@@ -61,6 +63,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ..delta import Delta
+from ..engine import CrossEntropy, Objective, TrainConfig, train
 from ..errors import ConfigError
 from ._common import body, check_deltas
 
@@ -193,7 +196,6 @@ class AtlasResult:
     delta: Delta
     coefficients: dict[str, Any]
     history: list[dict[str, float]] = field(default_factory=list)
-    trainer: str = "engine"
 
 
 class _PenalisedObjective(nn.Module):
@@ -212,60 +214,22 @@ class _PenalisedObjective(nn.Module):
 
 def fit_atlas(composer: AnisotropicScaling, train_data: Any, objective: Callable | None = None, *,
               epochs: int = 20, lr: float = 1e-3, weight_decay: float = 0.1, batch_size: int = 32,
-              l1: float = 0.0, seed: int = 0, val_data: Any = None, engine: bool = True,
-              progress: bool = False) -> AtlasResult:
+              l1: float = 0.0, seed: int = 0, val_data: Any = None, progress: bool = False) -> AtlasResult:
     """Learn the coefficients of ``composer`` on ``train_data`` (``(X, y)`` or any engine dataset).
 
-    ``objective(model, batch) -> (loss, logs)`` defaults to cross-entropy. ``engine=True`` trains with
-    :func:`transferkit.engine.train` (AdamW, cosine schedule, no clipping); ``engine=False`` runs the
-    same optimiser in a local loop over ``(X, y)`` tensors. Returns the learned Delta and coefficients.
+    ``objective(model, batch) -> (loss, logs)`` defaults to cross-entropy. Trains with
+    :func:`transferkit.engine.train` (AdamW, cosine schedule, no clipping, on the CPU). Returns the
+    learned Delta and coefficients.
     """
     if not isinstance(composer, AnisotropicScaling):
         raise ConfigError("fit_atlas takes an AnisotropicScaling module")
-    from ..engine import CrossEntropy, TrainConfig, train
-
     objective = CrossEntropy() if objective is None else objective
     penalised = _PenalisedObjective(objective, composer, float(l1))
-    if engine:
-        cfg = TrainConfig(epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size, seed=seed,
-                          scheduler="cosine", max_grad_norm=None, progress=progress, cpu=True)
-        res = train(composer, train_data, penalised, cfg, val_data=val_data, trainable=["coef"])
-        history = list(getattr(res, "history", []) or [])
-        trainer = "engine"
-    else:
-        history = _local_loop(composer, train_data, penalised, epochs, lr, weight_decay, batch_size, seed)
-        trainer = "local"
-    return AtlasResult(composer.merged_delta(), composer.coefficients(), history, trainer)
-
-
-def _local_loop(composer, data, objective, epochs, lr, weight_decay, batch_size, seed) -> list[dict[str, float]]:
-    if not (isinstance(data, (tuple, list)) and len(data) == 2):
-        raise ConfigError("fit_atlas(engine=False) takes (X, y) tensors")
-    X, y = data
-    y = torch.as_tensor(y)
-    n = len(y)
-    opt = torch.optim.AdamW([composer.coef], lr=lr, weight_decay=weight_decay)
-    steps_per_epoch = math.ceil(n / batch_size)
-    total = epochs * steps_per_epoch
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
-    g = torch.Generator().manual_seed(int(seed))
-    history = []
-    composer.train()
-    for epoch in range(epochs):
-        order = torch.randperm(n, generator=g)
-        losses = []
-        for s in range(0, n, batch_size):
-            idx = order[s:s + batch_size]
-            xb = {k: v[idx] for k, v in X.items()} if isinstance(X, dict) else X[idx]
-            loss, _ = objective(composer, {"inputs": xb, "labels": y[idx]})
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(float(loss.detach()))
-        history.append({"epoch": epoch + 1, "train_loss": sum(losses) / len(losses)})
+    cfg = TrainConfig(epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size, seed=seed,
+                      scheduler="cosine", max_grad_norm=None, progress=progress, cpu=True)
+    res = train(composer, train_data, penalised, cfg, val_data=val_data, trainable=["coef"])
     composer.eval()
-    return history
+    return AtlasResult(composer.merged_delta(), composer.coefficients(), res.history)
 
 
 @dataclass
@@ -301,46 +265,61 @@ def fit_negation(composer: AnisotropicScaling, target_data: tuple[Any, Any], con
     if len(yt) == 0 or len(yc) == 0:
         raise ConfigError("fit_negation: the target and the control data must both hold examples")
 
-    def take(X, idx):
-        return {k: v[idx] for k, v in X.items()} if isinstance(X, dict) else X[idx]
-
-    opt = torch.optim.AdamW([composer.coef], lr=lr, weight_decay=weight_decay)
-    g = torch.Generator().manual_seed(int(seed))
     composer.eval()
     t0, c0 = evaluate(composer)
-    history = [{"epoch": 0, "target_acc": float(t0), "control_acc": dict(c0)}]
-    best = (float(t0), 0, composer.coef.detach().clone())
-    control_order, cpos = torch.randperm(len(yc), generator=g), 0
-    for epoch in range(1, epochs + 1):
-        composer.train()
-        order = torch.randperm(len(yt), generator=g)
-        losses = []
-        for s in range(0, len(yt), batch_size):
-            if cpos + batch_size > len(yc):
-                control_order, cpos = torch.randperm(len(yc), generator=g), 0
-            ti, ci = order[s:s + batch_size], control_order[cpos:cpos + batch_size]
-            cpos += batch_size
-            lt, _ = objective(composer, {"inputs": take(Xt, ti), "labels": yt[ti]})
-            lc, _ = objective(composer, {"inputs": take(Xc, ci), "labels": yc[ci]})
-            loss = -lt + lc
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_([composer.coef], max_grad_norm)
-            opt.step()
-            losses.append((float(lt.detach()), float(lc.detach())))
-        composer.eval()
-        t_acc, c_acc = evaluate(composer)
-        kept = all(c_acc[k] >= keep * c0[k] - 1e-12 for k in c0)
-        history.append({"epoch": epoch, "target_loss": sum(a for a, _ in losses) / len(losses),
-                        "control_loss": sum(b for _, b in losses) / len(losses), "target_acc": float(t_acc),
-                        "control_acc": dict(c_acc), "controls_kept": kept})
-        if not kept:
-            break
-        if t_acc < best[0]:
-            best = (float(t_acc), epoch, composer.coef.detach().clone())
+    steps_per_epoch = math.ceil(len(yt) / batch_size)
+    negation = _Negation(objective, evaluate, steps_per_epoch, dict(c0), keep,
+                         best=(float(t0), 0, composer.coef.detach().clone()))
+    negation.history.append({"epoch": 0, "target_acc": float(t0), "control_acc": dict(c0)})
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, scheduler="constant",
+                      max_grad_norm=max_grad_norm, seed=seed, log_every=steps_per_epoch,
+                      cpu=composer.coef.device.type == "cpu", progress=False)
+    res = train(composer, {"target": (Xt, yt), "control": (Xc, yc)}, negation, cfg, trainable=["coef"])
+    for rec in res.history:  # the epoch means of the two losses, as the engine logged them
+        if "train_target" in rec and rec["step"] % steps_per_epoch == 0:
+            negation.history[rec["step"] // steps_per_epoch].update(
+                target_loss=rec["train_target"], control_loss=rec["train_control"])
+    _, epoch, coef = negation.best
     with torch.no_grad():
-        composer.coef.copy_(best[2])
-    return NegationResult(composer.merged_delta(), composer.coefficients(), best[1], history)
+        composer.coef.copy_(coef)
+    composer.eval()
+    return NegationResult(composer.merged_delta(), composer.coefficients(), epoch, negation.history)
+
+
+class _Negation(Objective):
+    """``−L_target + L_control`` on a ``{"target", "control"}`` batch; evaluates after every epoch.
+
+    Keeps the coefficients of the epoch with the lowest target accuracy whose controls are kept, and
+    ends the run (``after_step`` returns True) at the first epoch where a control falls. A loss
+    function that is an ``nn.Module`` is declared frozen: only the coefficients are trained.
+    """
+
+    def __init__(self, loss_fn: Callable, evaluate: Callable, steps_per_epoch: int, c0: dict, keep: float,
+                 best: tuple):
+        super().__init__()
+        self.loss_fn, self.evaluate = loss_fn, evaluate
+        self.frozen = ("loss_fn",) if isinstance(loss_fn, nn.Module) else ()
+        self.steps_per_epoch, self.c0, self.keep, self.best = steps_per_epoch, c0, keep, best
+        self.history: list[dict[str, Any]] = []
+
+    def forward(self, model, batch):
+        lt, _ = self.loss_fn(model, batch["target"])
+        lc, _ = self.loss_fn(model, batch["control"])
+        return -lt + lc, {"target": lt.detach(), "control": lc.detach()}
+
+    def after_step(self, step, total, model):
+        if (step + 1) % self.steps_per_epoch:
+            return None
+        epoch = (step + 1) // self.steps_per_epoch
+        model.eval()
+        t_acc, c_acc = self.evaluate(model)
+        model.train()
+        kept = all(c_acc[k] >= self.keep * self.c0[k] - 1e-12 for k in self.c0)
+        self.history.append({"epoch": epoch, "target_acc": float(t_acc), "control_acc": dict(c_acc),
+                             "controls_kept": kept})
+        if kept and t_acc < self.best[0]:
+            self.best = (float(t_acc), epoch, model.coef.detach().clone())
+        return not kept
 
 
 __all__ = ["AnisotropicScaling", "fit_atlas", "few_shot", "AtlasResult", "fit_negation", "NegationResult"]

@@ -29,7 +29,8 @@ import torch
 
 from ..delta import Delta
 from ..errors import ConfigError
-from ._common import as_weights, check_deltas, first, get, make_delta, stack_bodies
+from ..registry import register
+from ._common import MergeOptions, as_weights, check_deltas, first, get, make_delta, stack_bodies
 from ._common import heads as _task_heads
 
 
@@ -111,5 +112,13 @@ def greedy_soup(deltas: Sequence[Delta], evaluate: Callable[[Delta], float], *,
                     score=best, history=history)
     return out
 
+
+_SOUPS = "Wortsman et al., Model soups: averaging weights of multiple fine-tuned models, ICML 2022"
+register("merge", "average", fn=average, options=MergeOptions, paper=_SOUPS,
+         summary="weighted average of task vectors (a soup of different tasks; heads dropped)",
+         streamable=True, per_layer=True, weights="normalized")
+register("merge", "uniform_soup", fn=uniform_soup, options=None, paper=_SOUPS,
+         summary="uniform soup of fine-tunes of one task: bodies and heads averaged", streamable=False,
+         per_layer=False, weights=None, heads="averaged")
 
 __all__ = ["average", "uniform_soup", "greedy_soup"]

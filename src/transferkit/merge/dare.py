@@ -22,19 +22,27 @@ Rules followed here (``/work/shared/methods/merge.md`` §4):
   ``warn_above`` (default 0.005).
 
 Defaults: ``p=0.9``, ``seed=0``. ``p=0`` returns an identical copy; ``p=1`` is refused.
+
+Merge methods (registered as ``dare_linear`` and ``dare_ties``): :func:`dare_linear` (DARE, then task
+arithmetic) and :func:`dare_ties` (DARE, then TIES; ``k`` defaults to 1.0 — no magnitude trim on top of the
+random drop, as mergekit's dare_ties). ``density`` is the keep probability 1 − p (mergekit's name).
 """
 
 from __future__ import annotations
 
 import warnings
 import zlib
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Sequence
 
 import torch
 
 from ..delta import NEW, Delta, to_dense
 from ..errors import ConfigError
+from ..registry import option, register
 from ._common import check_deltas
+from .task_arithmetic import SparseOptions
+from .ties import TiesConsensus
 
 
 class LargeDeltaWarning(UserWarning):
@@ -113,3 +121,55 @@ def dare_merge(deltas: Sequence[Delta], p: float = 0.9, seed: int = 0, *, merge:
         raise ConfigError(f"dare_merge: merge must be 'task_arithmetic' or 'ties', got {merge!r}")
     out.meta.update(method=f"dare_{out.meta['method']}", dare_p=float(p), dare_seed=int(seed))
     return out
+
+
+def dare_linear(deltas: Sequence[Delta], p: float = 0.9, seed: int = 0, *, lam: float | Sequence[float] = 1.0,
+                exclude: Sequence[str] = (), warn_above: float | None = 0.005) -> Delta:
+    """DARE-linear: :func:`dare` each delta, then :func:`~transferkit.merge.task_arithmetic` with ``lam``."""
+    return dare_merge(deltas, p, seed, lam=lam, exclude=exclude, warn_above=warn_above)
+
+
+def dare_ties(deltas: Sequence[Delta], p: float = 0.9, seed: int = 0, *, k: float = 1.0, lam: float | None = None,
+              scope: str = "global", agg: str = "mean", tie_break: str = "majority", exclude: Sequence[str] = (),
+              warn_above: float | None = 0.005) -> Delta:
+    """DARE-TIES: :func:`dare` each delta, then :func:`~transferkit.merge.ties` (``k=1``: no extra trim)."""
+    return dare_merge(deltas, p, seed, merge="ties", k=k, lam=lam, scope=scope, agg=agg, tie_break=tie_break,
+                      exclude=exclude, warn_above=warn_above)
+
+
+@dataclass
+class DareOptions(SparseOptions):
+    """DARE-linear: task arithmetic on randomly dropped and rescaled task vectors; ``density`` is 1 − p."""
+
+    p: float | None = option(None, low=0.0, high=1.0, high_open=True,
+                             help="drop probability (0.9); or give density = 1 − p")
+    seed: int = option(0, help="seed of the random drop (delta i uses seed + i)")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.p is not None and self.density is not None:
+            raise ValueError("give either p (drop probability) or density (keep probability = 1 − p), not both")
+
+    def drop_p(self) -> float:
+        if self.density is not None:
+            return 1.0 - float(self.density)
+        return 0.9 if self.p is None else float(self.p)
+
+    def kwargs(self, *, checkpoint: bool = False) -> dict[str, Any]:
+        return {**super().kwargs(checkpoint=checkpoint), "p": self.drop_p(), "seed": int(self.seed)}
+
+
+@dataclass
+class DareTiesOptions(TiesConsensus, DareOptions):
+    """DARE-TIES: DARE's options plus TIES's sign consensus (``k`` 1.0: no magnitude trim by default)."""
+
+    DEFAULT_K: ClassVar[float] = 1.0
+
+
+register("merge", "dare_linear", fn=dare_linear, options=DareOptions,
+         paper="Yu et al., Language Models are Super Mario (DARE), ICML 2024",
+         summary="DARE drop-and-rescale, then task arithmetic", streamable=True, per_layer=True,
+         weights="coefficient")
+register("merge", "dare_ties", fn=dare_ties, options=DareTiesOptions,
+         paper="Yu et al., Language Models are Super Mario (DARE), ICML 2024",
+         summary="DARE drop-and-rescale, then TIES", streamable=True, per_layer=True, weights="prescale")

@@ -39,6 +39,7 @@ a Fisher (BatchNorm running statistics) get the λ-weighted plain average (``met
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
 import torch
@@ -46,7 +47,8 @@ from torch import nn
 
 from ..delta import Delta
 from ..errors import ConfigError, DataError
-from ._common import _excluded, as_weights, check_deltas, first, get, make_delta, stack_bodies
+from ..registry import option, register
+from ._common import MergeOptions, _excluded, as_weights, check_deltas, first, get, make_delta, stack_bodies
 
 # ----------------------------------------------------------------------------------------------
 # Fisher estimation
@@ -307,3 +309,25 @@ def fisher_merge(models_or_deltas: Sequence[Delta] | Sequence[nn.Module] | Seque
 
 def _global_norm(fisher: Mapping[str, torch.Tensor]) -> float:
     return float(sum(f.double().pow(2).sum() for f in fisher.values()) ** 0.5) if fisher else 0.0
+
+
+@dataclass
+class FisherOptions(MergeOptions):
+    """Options of the ``fisher`` merge method: Fisher estimation (first four) and :func:`fisher_merge`."""
+
+    n_examples: int = option(256, low=1, help="training examples per model for its Fisher")
+    batch_size: int = option(4, low=1, help="batch size of the Fisher estimation")
+    empirical: bool = option(False, help="empirical Fisher (gold labels) instead of the expected one")
+    floor: float = option(1e-6, low=0.0, help="minimum Fisher value (the target's only, with favor_target)")
+    favor_target: bool = option(True, help="floor only model 0's Fisher: vanishing coordinates fall back to it")
+    normalize: bool = option(True, help="divide each Fisher by its global L2 norm first")
+
+    def kwargs(self, *, checkpoint: bool = False) -> dict[str, Any]:
+        return {**super().kwargs(checkpoint=checkpoint), "floor": float(self.floor),
+                "favor_target": bool(self.favor_target), "normalize": bool(self.normalize)}
+
+
+register("merge", "fisher", fn=fisher_merge, options=FisherOptions,
+         paper="Matena & Raffel, Merging Models with Fisher-Weighted Averaging, NeurIPS 2022",
+         summary="Fisher-weighted averaging, per-example diagonal Fisher on each model's training data",
+         streamable=False, per_layer=False, weights="kwarg", needs_data=True)

@@ -33,15 +33,28 @@ summed with the same weights; ``new.`` heads (``modules_to_save``) are dropped a
 
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 import torch
 
 from ..delta import LORA_A, LORA_B, NEW, Delta, lora_factors
 from ..errors import ConfigError, ModelError
+from ..registry import option, register
 from ._common import as_weights, check_deltas, compute_dtype, make_delta
 
 HOWS = ("svd", "cat", "dense")
+
+
+@dataclass
+class LoraOptions:
+    """Options of the ``lora`` merge method (:func:`merge_lora`)."""
+
+    how: str = option("svd", choices=HOWS, help="svd (rank-r LoRA), cat (exact, ranks add up) or dense (full ΔW)")
+    rank: int | None = option(None, low=1, help="rank of the svd result (default: the largest input rank)")
+
+    def kwargs(self, *, checkpoint: bool = False) -> dict[str, Any]:
+        return {"how": self.how, "rank": self.rank}
 
 
 def _factors(deltas: list[Delta]) -> list[dict[str, tuple[torch.Tensor, torch.Tensor, float]]]:
@@ -185,3 +198,9 @@ def ab_linear_error(deltas: Sequence[Delta], weights: Sequence[float] | None = N
         num += e2
         den += n2
     return {"per_module": per, "total": (num / den) ** 0.5 if den > 0 else 0.0}
+
+
+register("merge", "lora", fn=merge_lora, options=LoraOptions,
+         paper="Hu et al., LoRA: Low-Rank Adaptation of Large Language Models, ICLR 2022",
+         summary="LoRA adapters merged in ΔW space: cat (exact), svd (rank r) or dense", streamable=False,
+         per_layer=False, weights="kwarg", delta_kind="lora")

@@ -25,10 +25,43 @@ tensors are skipped, as in the reference. Missing tensors count as zero task vec
 
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 from ..delta import Delta
-from ._common import as_weights, check_deltas, get, first, make_delta, stack_bodies
+from ..registry import option, register
+from ._common import MergeOptions, as_weights, check_deltas, first, get, make_delta, stack_bodies
+from .layers import check_value, is_scalar
+
+
+@dataclass
+class TaskArithmeticOptions(MergeOptions):
+    """λ of task arithmetic; the shape TIES and DARE extend (see :mod:`transferkit.merge._common`)."""
+
+    lam: float | list | None = option(
+        None, help="λ (mergekit: lambda): a number, a per-layer gradient [v0, …, vm] or filters "
+                   "[{filter, value}]; default 1.0")
+
+    def validate(self) -> None:
+        super().validate()
+        check_value(self.lam, "lambda")
+
+    def default_lam(self) -> float:
+        """λ when none is given."""
+        return 1.0
+
+    def kwargs(self, *, checkpoint: bool = False) -> dict[str, Any]:
+        lam = float(self.lam) if is_scalar(self.lam) and self.lam is not None else self.default_lam()
+        return {**super().kwargs(checkpoint=checkpoint), "lam": lam}
+
+
+@dataclass
+class SparseOptions(TaskArithmeticOptions):
+    """Task arithmetic on sparsified task vectors (TIES: by magnitude, DARE: at random)."""
+
+    density: float | None = option(None, low=0.0, high=1.0, low_open=True,
+                                   help="fraction of each task vector the sparsification keeps (mergekit's "
+                                        "density; ties: = k, dare: = 1 − p)")
 
 
 def task_arithmetic(deltas: Sequence[Delta] | Delta, lam: float | Sequence[float] = 1.0, *,
@@ -59,6 +92,15 @@ def negate(delta: Delta, lam: float = 1.0, *, exclude: Sequence[str] = ()) -> De
     out = task_arithmetic([delta], -float(lam), exclude=exclude)
     out.meta.update(method="negation", lam=float(lam))
     return out
+
+
+register("merge", "task_arithmetic", fn=task_arithmetic, options=TaskArithmeticOptions,
+         paper="Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023",
+         summary="θ0 + λ Σ w_t τ_t: add task vectors", streamable=True, per_layer=True, weights="coefficient")
+register("merge", "negation", fn=negate, options=TaskArithmeticOptions,
+         paper="Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023",
+         summary="θ0 − λτ: forget a task (one model)", streamable=False, per_layer=True, weights="prescale",
+         n_models=1)
 
 
 def analogy(a: Delta, b: Delta, c: Delta, lam: float = 1.0, *, exclude: Sequence[str] = ()) -> Delta:

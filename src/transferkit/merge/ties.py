@@ -38,18 +38,69 @@ from trimming and merging. The global scope flattens all T task vectors at once 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Sequence
 
 import torch
 
 from ..delta import Delta
 from ..errors import ConfigError
-from ._common import check_deltas, first, get, make_delta, stack_bodies
+from ..registry import option, register
+from ._common import MergeOptions, check_deltas, first, get, make_delta, stack_bodies
+from .task_arithmetic import SparseOptions
 
 SCOPES = ("global", "per_tensor")
 AGGS = ("mean", "sum")
 TIE_BREAKS = ("majority", "positive")
 DEFAULT_LAM = {"mean": 1.0, "sum": 0.3}
+
+
+@dataclass
+class TiesConsensus(MergeOptions):
+    """TIES's trim and sign election: the options TIES and DARE-TIES share (a mixin of their options)."""
+
+    DEFAULT_K: ClassVar[float] = 0.2
+
+    k: float | None = option(None, low=0.0, high=1.0, low_open=True,
+                             help="fraction of each task vector kept by magnitude (ties 0.2; dare_ties 1.0: no trim)")
+    scope: str | None = option(None, choices=SCOPES, help="trim scope: global (paper; default for Deltas) or "
+                                                          "per_tensor (mergekit/PEFT; default for checkpoints)")
+    agg: str | None = option(None, choices=AGGS, help="disjoint mean (paper, default) or sum")
+    tie_break: str = option("majority", choices=TIE_BREAKS, help="sign of zero total mass: majority or positive")
+    normalize: bool | None = option(None, help="mergekit's switch: false means agg=sum")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.normalize is not None and self.agg is not None and self.agg != ("mean" if self.normalize else "sum"):
+            raise ValueError(f"normalize={self.normalize} contradicts agg={self.agg!r}")
+
+    def aggregate(self) -> str:
+        if self.agg is not None:
+            return self.agg
+        return "sum" if self.normalize is False else "mean"
+
+    def trim_k(self) -> float:
+        return self.DEFAULT_K if self.k is None else float(self.k)
+
+    def default_lam(self) -> float:
+        return DEFAULT_LAM[self.aggregate()]
+
+    def kwargs(self, *, checkpoint: bool = False) -> dict[str, Any]:
+        return {**super().kwargs(checkpoint=checkpoint), "k": self.trim_k(), "agg": self.aggregate(),
+                "scope": self.scope or ("per_tensor" if checkpoint else "global"), "tie_break": self.tie_break}
+
+
+@dataclass
+class TiesOptions(TiesConsensus, SparseOptions):
+    """TIES: task arithmetic on magnitude-trimmed task vectors with sign consensus; ``density`` is ``k``."""
+
+    def validate(self) -> None:
+        super().validate()
+        if self.k is not None and self.density is not None:
+            raise ValueError("give either k or density (the same thing for ties), not both")
+
+    def trim_k(self) -> float:
+        return float(self.density) if self.density is not None else super().trim_k()
 
 
 def trim_mask(values: torch.Tensor, k: float) -> torch.Tensor:
@@ -154,3 +205,9 @@ def ties(deltas: Sequence[Delta], k: float = 0.2, lam: float | None = None, scop
     meta.update(method="ties", k=float(k), lam=lam, trim_scope=scope, aggregate=agg, tie_break=tie_break,
                 kept_fraction=[float(x) / total if total else 0.0 for x in kept])
     return make_delta(deltas[0].base, out, meta)
+
+
+register("merge", "ties", fn=ties, options=TiesOptions,
+         paper="Yadav et al., TIES-Merging: Resolving Interference When Merging Models, NeurIPS 2023",
+         summary="TIES-Merging: trim, elect sign, disjoint mean", streamable=True, per_layer=True,
+         weights="prescale")
