@@ -345,7 +345,7 @@ def main(argv: list[str] | None = None, *, name: str = "tune_text", model: str =
     ap.add_argument("--mem-steps", type=int, default=3)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / f"{name}.json")
     a = ap.parse_args(argv)
-    from transferkit.tune import METHODS
+    from transferkit.tune import train_defaults
 
     tasks_l, main_l = a.tasks.split(","), [m for m in a.methods.split(",") if m]
     comp_l = [m for m in a.compose_methods.split(",") if m]
@@ -364,7 +364,7 @@ def main(argv: list[str] | None = None, *, name: str = "tune_text", model: str =
         return args
 
     def default_lr(method):
-        return float({**METHODS[method]["train"], **config.get(method, {})}["lr"])
+        return float({**train_defaults(method), **config.get(method, {})}["lr"])
 
     def cache_path(task, method, seed, args):
         tag = f"__{_short(args)}" if (mults or "val_fraction" in args) else ""

@@ -11,7 +11,7 @@ at norm 1.0, batch 16, fp32 on the CPU.
 - bare: ``for batch in DataLoader(...): loss = F.cross_entropy(pm(**inputs), y); loss.backward();
   clip_grad_norm_; opt.step(); sched.step(); opt.zero_grad()``.
 
-Steps/s is measured between per-step timestamps (the engine's through the objective's ``on_step`` hook, the
+Steps/s is measured between per-step timestamps (the engine's through the objective's ``before_step`` hook, the
 bare loop's at the top of each iteration), skipping the first ``--warmup`` steps, so set-up (Accelerate,
 optimizer creation) and the end-of-training evaluation are excluded. Engine and bare runs alternate for
 ``--rounds`` rounds in one process (the CPUs are shared with other jobs, so interleaving keeps both sides
@@ -59,7 +59,7 @@ def main() -> None:
     from transferkit.engine.loop import _order, _rank_batches
     from transferkit.tune._common import Pairs, make_collate
     from transferkit.tune.peft_methods import wrap
-    from transferkit.tune.registry import METHODS
+    from transferkit import registry
     from transferkit.zoo import load_model
 
     if a.threads:
@@ -67,7 +67,7 @@ def main() -> None:
     ds = load_dataset(a.data, per_class=a.per_class, seed=0)
     model = load_model(a.model, max_length=a.max_length)
     n_classes = len(ds.classes)
-    opts = dict(METHODS["lora"]["options"]) | {"dropout": 0.0}  # no dropout: identical maths on both sides
+    opts = registry.get("tune", "lora").defaults() | {"dropout": 0.0}  # no dropout: identical maths on both sides
     pm0, _ = wrap(model, n_classes, "lora", opts, seed=0)
     init = copy.deepcopy(pm0.state_dict())
     data = Pairs(ds.X, ds.y)
@@ -90,7 +90,7 @@ def main() -> None:
             super().__init__()
             self.stamps: list[float] = []
 
-        def on_step(self, step, total_steps):
+        def before_step(self, step, total_steps):
             self.stamps.append(time.perf_counter())
 
     def run_engine() -> tuple[list[float], float]:

@@ -10,7 +10,12 @@ import pytest
 
 from transferkit import pipeline as pl
 from transferkit.errors import ConfigError
-from transferkit.pipeline import DEFAULT_PIPELINE, STAGES, default_pipeline, load_config, run_pipeline
+from transferkit import registry
+from transferkit.pipeline import DEFAULT_PIPELINE, default_pipeline, load_config, run_pipeline
+from transferkit.pipeline.stages import merge as merge_stage
+from transferkit.pipeline.stages import tune as tune_stage
+
+STAGES = [s.name for s in pl.stages()]
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -115,16 +120,16 @@ _DROP = object()
 
 
 @pytest.mark.parametrize("cfg, message", [
-    (_with(modles=["x"]), "unknown key 'modles' in pipeline; did you mean 'models'?"),
+    (_with(modles=["x"]), "unknown key 'modles' in pipeline (did you mean 'models'?)"),
     (_with(targets=_DROP), "missing 'targets'"),
     (_with(targets=[]), "'targets' is empty"),
-    (_with(targets=[{"dat": "opencv-digits"}]), "unknown key 'dat' in targets[0]; did you mean 'data'?"),
-    (_with(targets=["opencv-digitz"]), "unknown dataset 'opencv-digitz'; did you mean 'opencv-digits'?"),
+    (_with(targets=[{"dat": "opencv-digits"}]), "unknown key 'dat' in targets[0] (did you mean 'data'?)"),
+    (_with(targets=["opencv-digitz"]), "unknown dataset 'opencv-digitz' (did you mean 'opencv-digits'?)"),
     (_with(targets=["no/such/file.csv"]), "unknown dataset 'no/such/file.csv'"),
     (_with(models=_DROP), "missing 'models'"),
-    (_with(models=["mobilenet-v3"]), "unknown model 'mobilenet-v3'; did you mean 'mobilenet-v2'?"),
+    (_with(models=["mobilenet-v3"]), "unknown model 'mobilenet-v3' (did you mean 'mobilenet-v2'?)"),
     (_with(models=["digits-mnist", "digits-mnist"]), "listed twice"),
-    (_with(metrics=["logmee"]), "unknown metric 'logmee' in metrics; did you mean 'logme'?"),
+    (_with(metrics=["logmee"]), "unknown metric 'logmee' in metrics (did you mean 'logme'?)"),
     (_with(tune__method="lorax"), "unknown tune method 'lorax'"),
     (_with(tune__top_k=3), "tune.top_k is 3 but there are only 2 candidate model(s)"),
     (_with(tune__top_k="2"), "tune.top_k must be an integer"),
@@ -134,17 +139,17 @@ _DROP = object()
     (_with(tune__config={"epochz": 2}), "tune.config: unknown"),
     (_with(tune__config={"epochs": "two"}), "tune.config:"),
     (_with(tune__config=[1]), "tune.config must be a mapping"),
-    (_with(tune__topk=1), "unknown key 'topk' in tune; did you mean 'top_k'?"),
-    (_with(merge={"method": "tie"}), "unknown merge method 'tie'; did you mean 'ties'?"),
+    (_with(tune__topk=1), "unknown key 'topk' in tune (did you mean 'top_k'?)"),
+    (_with(merge={"method": "tie"}), "unknown merge method 'tie' (did you mean 'ties'?)"),
     (_with(merge={"method": "ties", "options": {"kk": 0.2}}), "unknown option 'kk' for merge method 'ties'"),
     (_with(seeds=[0.5]), "seeds[0] must be an integer"),
     (_with(seeds=[1, 1]), "seeds must be distinct"),
     (_with(limits={"time": -1}), "limits.time must be a positive number"),
-    (_with(limits={"epoch": 1}), "unknown key 'epoch' in limits; did you mean 'epochs'?"),
+    (_with(limits={"epoch": 1}), "unknown key 'epoch' in limits (did you mean 'epochs'?)"),
     (_with(targets=[{"data": "opencv-digits", "test_size": 1.5}]), "test_size must be a fraction"),
     ([1, 2], "a pipeline must be a mapping"),
-    (_with(model_options={"mobilenet-v3": {"size": 96}}), "model_options: 'mobilenet-v3' is not one of the models; did you mean 'mobilenet-v2'?"),
-    (_with(model_options={"mobilenet-v2": {"sise": 96}}), "unknown option 'sise' in model_options.mobilenet-v2; did you mean 'size'?"),
+    (_with(model_options={"mobilenet-v3": {"size": 96}}), "model_options: 'mobilenet-v3' is not one of the models (did you mean 'mobilenet-v2'?)"),
+    (_with(model_options={"mobilenet-v2": {"sise": 96}}), "unknown option 'sise' in model_options.mobilenet-v2 (did you mean 'size'?)"),
     (_with(model_options={"mobilenet-v2": {"size": "96"}}), "model_options.mobilenet-v2.size must be of the type of the catalogue default 224"),
     (_with(model_options={"mobilenet-v2": {"size": 0}}), "model_options.mobilenet-v2.size must be"),
     (_with(model_options={"mobilenet-v2": 96}), "model_options.mobilenet-v2 must be a mapping"),
@@ -172,13 +177,15 @@ def test_config_defaults_paths_and_round_trip(tmp_path, assets):
     y.write_text(f"targets: [data/t.csv]\nmodels: [{assets['models'][0]}, digits-mnist]\n")
     cfg = load_config(y)  # relative paths resolve against the YAML's folder
     assert cfg.targets[0].data == str(tmp_path / "data" / "t.csv") and cfg.targets[0].name == "t"
-    assert cfg.metrics == ["logme"] and cfg.tune.top_k == 1 and cfg.tune.select_by == "logme"
-    assert cfg.tune.method == pl.default_method() and cfg.merge is None and cfg.seeds == [0]
+    tune = cfg.section("tune")
+    assert cfg.section("rank") == ["logme"] and tune.top_k == 1 and tune.select_by == "logme"
+    assert tune.method == pl.default_method() and cfg.section("merge") is None and cfg.seeds == [0]
     assert cfg.name == "p" and cfg.source == str(y)
     again = load_config(cfg.to_dict())
     assert again.fingerprint() == cfg.fingerprint()
-    assert load_config(_with(metrics="all")).metrics[0] in ("gbc", "logme") and len(load_config(_with(metrics="all")).metrics) > 5
-    assert load_config(_with(merge="average")).merge.method == "average"
+    every = load_config(_with(metrics="all")).section("rank")
+    assert every[0] in ("gbc", "logme") and len(every) > 5
+    assert load_config(_with(merge="average")).section("merge").method == "average"
 
 
 def test_default_pipelines_and_example_validate():
@@ -186,9 +193,10 @@ def test_default_pipelines_and_example_validate():
     for cfg in (full, quick):
         assert len(cfg.models) == 7 and [t.data for t in cfg.targets] == ["opencv-digits", "sklearn-digits"]
         # ground truth = a real fine-tune of every candidate (not a probe on frozen features)
-        assert cfg.tune.ground_truth and cfg.tune.ground_truth_method == "full"
-        assert cfg.tune.method == ("lora" if "lora" in pl._tune_methods() else "full") and cfg.tune.top_k == 2
-        assert cfg.merge is not None and cfg.merge.method == "ties"
+        tune = cfg.section("tune")
+        assert tune.ground_truth and tune.ground_truth_method == "full"
+        assert tune.method == "lora" and tune.top_k == 2
+        assert cfg.section("merge") is not None and cfg.section("merge").method == "ties"
         # the ImageNet CNNs run at a reduced size in every stage; the digit CNNs keep their own input size
         assert set(cfg.model_options) == {"mobilenet-v2", "efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2"}
     assert {o["size"] for o in full.model_options.values()} == {64}
@@ -217,8 +225,8 @@ def test_model_options_reach_every_stage(assets, cache, tmp_path, monkeypatch):
     assert load_config(cfg).model_options == {a: {"max_length": 4}}
     s = run_pipeline(cfg, tmp_path / "run", progress=False)
     assert s["merge"]["groups"]
-    # rank (2 targets) + ground truth (2) + tune (2) + merge (2 tasks): every load of model a has the option
-    assert [o for m, o in calls if m == a] == [{"max_length": 4}] * 8
+    # rank (2 targets) + ground truth (2) + tune (2) + merge (1 group): every load of model a has the option
+    assert [o for m, o in calls if m == a] == [{"max_length": 4}] * 7
     assert all(o == {} for m, o in calls if m == b)
     assert s["config"]["model_options"] == {a: {"max_length": 4}}
 
@@ -226,30 +234,35 @@ def test_model_options_reach_every_stage(assets, cache, tmp_path, monkeypatch):
 def _merge_stage(tuned: dict, merge: dict | None = None):
     """Run only the merge stage on a fake run whose tune stage tuned ``tuned`` ({target: [models]})."""
     targets = [pl.Target(t, t) for t in tuned]
-    cfg = pl.PipelineConfig(targets=targets, models=sorted({m for ms in tuned.values() for m in ms}), metrics=["logme"],
-                            tune=pl.TuneSpec("full"), merge=pl.MergeSpec("ties", merge or {}))
-    run = pl._Run(cfg, Path("/nonexistent"), False, False)
+    cfg = pl.PipelineConfig(targets=targets, models=sorted({m for ms in tuned.values() for m in ms}),
+                            sections={"rank": ["logme"], "tune": pl.TuneSpec("full"),
+                                      "merge": pl.MergeSpec("ties", merge or {})})
+    run = pl.Run(cfg, Path("/nonexistent"), False, False)
     run.results["tune"] = {"runs": {t: {m: {} for m in ms} for t, ms in tuned.items()}}
     return run
 
 
 def test_merge_stage_says_why_it_did_not_merge(monkeypatch):
-    out = pl._stage_merge(_merge_stage({"digits-a": ["m1"], "digits-b": ["m2"]}))
+    stage = registry.get("pipeline", "merge").fn
+    out = stage.run(_merge_stage({"digits-a": ["m1"], "digits-b": ["m2"]}))
     assert out["skipped"].startswith("no base model was tuned on 2 or more targets")
     assert "tuned per target: digits-a: m1; digits-b: m2" in out["skipped"] and "tune.top_k" in out["skipped"]
     assert out["tuned"] == {"digits-a": ["m1"], "digits-b": ["m2"]}
-    out = pl._stage_merge(_merge_stage({"only": ["m1", "m2"]}))
+    out = stage.run(_merge_stage({"only": ["m1", "m2"]}))
     assert out["skipped"].startswith("there is one target")
     # a shared base is merged; the bases tuned on one target only are listed as not merged
     merged = []
-    monkeypatch.setattr(pl, "_merge_group", lambda run, base, ts: merged.append((base, ts)) or {"base": base, "tasks": []})
-    out = pl._stage_merge(_merge_stage({"digits-a": ["m1", "m2"], "digits-b": ["m2", "m3"]}))
+    monkeypatch.setattr(merge_stage, "_merge_group",
+                        lambda run, spec, base, ts: merged.append((base, ts)) or {"base": base, "tasks": []})
+    out = stage.run(_merge_stage({"digits-a": ["m1", "m2"], "digits-b": ["m2", "m3"]}))
     assert merged == [("m2", ["digits-a", "digits-b"])] and "skipped" not in out
     assert out["not_merged"] == ["m1 (tuned on digits-a only)", "m3 (tuned on digits-b only)"]
 
 
 def test_peak_memory_sees_an_allocation():
-    with pl.PeakMemory() as mem:
+    from transferkit.runtime import PeakMemory
+
+    with PeakMemory() as mem:
         a = np.ones(64 * 2**20 // 8)  # 64 MiB
         import time
 
@@ -292,13 +305,20 @@ def test_tiny_run_writes_everything(tiny_run, assets):
         assert c["method"] == TUNE_METHOD and 0 <= c["accuracy"] <= 1 and c["trainable_params"] > 0
         assert c["seconds"] > 0 and c["peak_rss_mb"] > 50
         assert s["tune"]["runs"][t][c["model"]]["history"]
-    # merge: both bases were tuned on both targets → one group each, normalized accuracy per task
+        # the pick is the argmax of validation accuracy (ties: the better-ranked), never of the test accuracy
+        runs, order = s["tune"]["runs"][t], s["tune"]["selected"][t]
+        best_val = max(runs[m]["val_accuracy"] for m in order)
+        assert c["model"] == next(m for m in order if runs[m]["val_accuracy"] == best_val)
+    # merge: both bases were tuned on both targets → one group each; each task is scored on the held-out part
+    # recorded by the tune run, so re-scoring the unmerged delta there gives the accuracy tune measured
     groups = s["merge"]["groups"]
     assert {g["base"] for g in groups} == set(assets["models"])
     for g in groups:
         assert [x["target"] for x in g["tasks"]] == ["movies", "food"]
         for x in g["tasks"]:
-            assert x["normalized"] == pytest.approx(x["merged"] / x["individual"])
+            n_test = s["rank"][x["target"]]["n_test"]
+            tuned = s["tune"]["runs"][x["target"]][g["base"]]["accuracy"]
+            assert abs(x["individual"] - tuned) <= 1 / n_test + 1e-9
         assert (out / "merge" / Path(g["base"]).name / "delta" / "delta.safetensors").is_file()
     assert s["environment"]["packages"]["torch"] and s["environment"]["cpu_count"] >= 1
     assert s["command"] == "transferkit run tiny.yaml --out OUT"
@@ -341,16 +361,16 @@ def test_resume_skips_finished_stages(assets, cache, tmp_path, monkeypatch):
         raise RuntimeError("killed during merge")
 
     with monkeypatch.context() as m:
-        m.setattr(pl, "_stage_merge", boom)
+        m.setattr(merge_stage.MergeStage, "run", lambda self, run: boom(run))
         with pytest.raises(RuntimeError, match="killed"):
             run_pipeline(cfg, out, progress=False)
     state = json.loads((out / "state.json").read_text())
     assert set(state["stages"]) == {"rank", "ground_truth", "tune"}
     assert not (out / "summary.json").exists()
 
-    rank_calls, tune_calls = _Count(runner.rank_models), _Count(pl._tune_unit)
+    rank_calls, tune_calls = _Count(runner.rank_models), _Count(tune_stage.tune_unit)
     monkeypatch.setattr(runner, "rank_models", rank_calls)
-    monkeypatch.setattr(pl, "_tune_unit", tune_calls)
+    monkeypatch.setattr(tune_stage, "tune_unit", tune_calls)
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         s = run_pipeline(cfg, out, resume=True)
@@ -372,7 +392,7 @@ def test_resume_skips_finished_stages(assets, cache, tmp_path, monkeypatch):
 def test_resume_inside_a_stage_reuses_finished_units(assets, cache, tmp_path, monkeypatch):
     cfg, out = _linear_config(assets), tmp_path / "run"
     cfg["merge"] = None
-    real = pl._tune_unit
+    real = tune_stage.tune_unit
     calls = []
 
     def flaky(run, stage, target, model, *a):
@@ -381,10 +401,10 @@ def test_resume_inside_a_stage_reuses_finished_units(assets, cache, tmp_path, mo
             raise KeyboardInterrupt  # the run is killed in the middle of the ground-truth stage
         return real(run, stage, target, model, *a)
 
-    monkeypatch.setattr(pl, "_tune_unit", flaky)
+    monkeypatch.setattr(tune_stage, "tune_unit", flaky)
     with pytest.raises(KeyboardInterrupt):
         run_pipeline(cfg, out, progress=False)
-    monkeypatch.setattr(pl, "_tune_unit", real)
+    monkeypatch.setattr(tune_stage, "tune_unit", real)
     trained = _Count(__import__("transferkit.tune", fromlist=["tune"]).tune)
     monkeypatch.setattr("transferkit.tune.tune", trained)
     s = run_pipeline(cfg, out, resume=True, progress=False)
@@ -459,5 +479,5 @@ def test_quick_default_pipeline_end_to_end(tmp_path):
         assert g["targets"] == targets and all(g["base"] in s["tune"]["selected"][t] for t in targets)
         assert [x["target"] for x in g["tasks"]] == targets
         for x in g["tasks"]:
-            assert 0 < x["merged"] <= 1 and x["normalized"] == pytest.approx(x["merged"] / x["individual"])
+            assert 0 < x["merged"] <= 1 and 0 < x["individual"] <= 1
     check_full_report((tmp_path / "report.html").read_text(), targets, ["logme", "leep", "nce", "transrate"], merged=True)

@@ -1,6 +1,7 @@
 """Unified-view adapters (He et al., ICLR 2022): identities, zero-init exactness, counts, round trips."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -116,7 +117,7 @@ def test_adapter_parameter_counts(tiny_bert_dir, method, opts, expected):
     from transferkit.tune._common import count_trainable
 
     options, _ = split_config(method, opts)
-    clf, _ = adapted_classifier(text_model(tiny_bert_dir), C, adapter_spec(method, options))
+    clf, _ = adapted_classifier(text_model(tiny_bert_dir), C, adapter_spec(method, dataclasses.asdict(options)))
     assert count_trainable(clf) == expected
 
 

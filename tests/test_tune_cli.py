@@ -35,7 +35,8 @@ def test_cli_tune_methods(tiny_bert_dir, sentiment_csv, tmp_path, method):
 def test_cli_tune_list_and_bad_option(tiny_bert_dir, sentiment_csv, tmp_path):
     res = runner.invoke(app, ["tune", "--list", "--json"])
     doc = json.loads(res.stdout)
-    assert doc["lora"]["options"]["r"] == 8 and "He et al." in doc["mam"]["paper"]
+    r = {o["name"]: o for o in doc["lora"]["options"]}["r"]
+    assert r["default"] == 8 and r["type"] == "an integer" and r["low"] == 1 and "He et al." in doc["mam"]["paper"]
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("rank: 4\n")
     res = runner.invoke(app, ["tune", "--data", str(sentiment_csv), "--model", str(tiny_bert_dir), "--method", "lora",

@@ -56,27 +56,35 @@ def logits(module, inputs):
 
 # --------------------------------------------------------------------------------------- registry
 def test_registry_entries_are_complete_and_json_able():
-    from transferkit.tune import METHODS
+    from transferkit import registry
 
+    methods = registry.methods("tune")
     expected = {"linear", "full", "lora", "ia3", "prefix", "prompt", "bitfit", "adapter", "parallel-adapter",
                 "scaled-parallel-adapter", "mam"}
-    assert expected <= set(METHODS)
-    doc = json.loads(json.dumps(METHODS))
+    assert expected <= set(methods)
+    doc = json.loads(json.dumps({name: registry.describe(m) for name, m in methods.items()}))
     for name, info in doc.items():
         assert {"summary", "paper", "family", "modality", "options", "train"} <= set(info), name
         assert info["paper"] and info["train"]["lr"] > 0
     # the human listing is one line per method: summary + paper
-    line = f"{'lora':8s} {METHODS['lora']}"
+    line = f"{'lora':8s} {methods['lora']}"
     assert "LoRA" in line and "Hu et al." in line and "\n" not in line
 
 
 def test_split_config_separates_method_and_train_options():
+    from transferkit.engine import TrainConfig
     from transferkit.tune import split_config
+    from transferkit.tune.adapters import MamOptions
+    from transferkit.tune.peft_methods import LoraOptions
 
-    opts, train = split_config("lora", {"r": 4, "epochs": 1, "lr": 1e-3})
-    assert opts["r"] == 4 and opts["alpha"] == 16 and train["epochs"] == 1 and train["lr"] == 1e-3
+    opts, train = split_config("lora", {"r": 4, "epochs": 1.0, "lr": 1e-3})
+    assert isinstance(opts, LoraOptions) and opts.r == 4 and opts.alpha == 16
+    assert train == {"epochs": 1, "batch_size": 16, "weight_decay": 0.01, "scheduler": "linear", "warmup_ratio": 0.1,
+                     "lr": 1e-3}  # the method's training defaults under the given values
+    assert isinstance(train["epochs"], int) and TrainConfig.from_dict(train).epochs == 1  # checked by TrainConfig
     opts, _ = split_config("mam", {"options": {"prefix_length": 5}})
-    assert opts["prefix_length"] == 5
+    assert isinstance(opts, MamOptions) and opts.prefix_length == 5 and opts.bottleneck == 512
+    assert split_config("linear", {"epochs": 2})[0] is None  # a method without options
     with pytest.raises(ConfigError, match="rank"):
         split_config("lora", {"rank": 4})
     with pytest.raises(ConfigError, match="unknown tune method"):

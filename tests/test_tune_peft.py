@@ -1,6 +1,7 @@
 """LoRA, IA3, prefix and prompt tuning through Hugging Face PEFT: exactness, counts, PEFT round trip."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ HEAD = H * C + C
 
 def _wrap(model, method, **opts):
     options, _ = split_config(method, opts)
-    return wrap(model, C, method, options)
+    return wrap(model, C, method, dataclasses.asdict(options))
 
 
 def _perturb(pm, std=0.05):

@@ -13,14 +13,14 @@ from transferkit.engine import CrossEntropy
 from transferkit.errors import ConfigError
 from transferkit.tune import tune
 from transferkit.tune._common import count_trainable
-from transferkit.tune.registry import METHODS
+from transferkit import registry
 from transferkit.tune.side import cache_features, param_count, rebuild, side_classifier, side_spec
 
 H, L = 32, 2  # the tiny BERT: hidden 32, 2 layers → hidden states h_0..h_2
 
 
 def _opts(method, **kw):
-    return {**METHODS[method]["options"], "r": 8, **({"heads": 2} if method == "r2" else {}), **kw}
+    return {**registry.get("tune", method).defaults(), "r": 8, **({"heads": 2} if method == "r2" else {}), **kw}
 
 
 def _graph_leaves(t):

@@ -11,10 +11,11 @@ from typing import Optional
 
 import typer
 
-from .clitools import emit, guard, read_config, table
+from .clitools import emit, guard, table
 from .errors import TransferkitError
 from .rank.command import rank
 from .merge.command import merge
+from .tune.command import tune
 
 app = typer.Typer(
     add_completion=False,
@@ -25,6 +26,7 @@ app = typer.Typer(
 zoo_app = typer.Typer(no_args_is_help=True, help="The catalogue of pretrained source models.")
 app.add_typer(zoo_app, name="zoo")
 app.command()(guard(rank))
+app.command()(guard(tune))
 app.command()(guard(merge))
 
 
@@ -88,49 +90,6 @@ def features(
             "source_probs": None if feats.probs is None else int(feats.probs.shape[1]),
             "cache": str(F.cache_path(feats.fingerprint, zm.name)), "out": str(out) if out else None}
     emit(info, as_json, lambda d: [typer.echo(f"{k}: {v}") for k, v in d.items()])
-
-
-@app.command()
-@guard
-def tune(
-    data: Optional[str] = typer.Option(None, "--data", help="Target dataset name or path (required)."),
-    model: Optional[str] = typer.Option(None, "--model", help="Source model name or path (required)."),
-    method: str = typer.Option("linear", help="Method name; `transferkit tune --list` shows them all with their papers."),
-    config: Optional[Path] = typer.Option(None, help="YAML/JSON file of training options (epochs, lr, …)."),
-    epochs: Optional[int] = typer.Option(None), lr: Optional[float] = typer.Option(None),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
-    limit: Optional[int] = typer.Option(None, help="At most this many samples (stratified)."),
-    per_class: Optional[int] = typer.Option(None, "--per-class"),
-    seed: int = typer.Option(0),
-    out: Path = typer.Option(Path("runs/tune"), help="Run folder."),
-    resume: bool = typer.Option(False, "--resume", help="Continue a killed run from its last checkpoint."),
-    list_methods: bool = typer.Option(False, "--list", help="List the methods and exit."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
-) -> None:
-    """Adapt a source model to a target; writes the Delta, metrics and training curve.
-
-    Example: transferkit tune --data opencv-digits --model digits-mnist --method full --epochs 1 --out runs/t1
-    """
-    from .tune import METHODS
-    from .tune import tune as run_tune
-
-    if list_methods:
-        emit(METHODS, as_json, lambda d: [typer.echo(f"{k:8s} {v}") for k, v in d.items()])
-        return
-    if not data or not model:
-        raise TransferkitError("tune needs --data and --model (or --list)")
-    from .data import load_dataset, train_test_split
-    from .zoo import load_model
-
-    options = read_config(config) if config else {}
-    options.update({k: v for k, v in {"epochs": epochs, "lr": lr, "batch_size": batch_size}.items() if v is not None})
-    options.setdefault("seed", seed)
-    if resume:
-        options.setdefault("checkpoint_every", 50)
-    ds = load_dataset(data, limit=limit, per_class=per_class, seed=seed)
-    train_ds, test_ds = train_test_split(ds, seed=seed)
-    res = run_tune(load_model(model), train_ds, test_ds, method=method, config=options, out_dir=out, resume=resume)
-    emit(res.metrics | {"out": str(out)}, as_json, lambda d: [typer.echo(f"{k}: {v}") for k, v in d.items()])
 
 
 @app.command()

@@ -284,7 +284,8 @@ def options_of(method: Method) -> list[dict[str, Any]]:
     for f in dataclasses.fields(method.options):
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-        row = {"name": f.name, "type": _type_name(_split_optional(hints[f.name])[0]), "default": default}
+        inner, optional = _split_optional(hints[f.name])
+        row = {"name": f.name, "type": _type_name(inner) + (" or null" if optional else ""), "default": default}
         row.update({k: v for k, v in f.metadata.items() if not (v is None or v is False or v == "")})
         out.append(row)
     return out

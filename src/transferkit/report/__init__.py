@@ -9,7 +9,8 @@
 quality τ_w / rel@k, score-vs-accuracy scatter), ``chosen`` (model and method per target: accuracy,
 trainable parameters, time, peak memory; every tuned run; training curves), ``merge`` (normalized
 accuracy per task, or why merging did not run), ``environment``, ``reproduce`` (command + config),
-``stages`` (time and memory per stage). The file references nothing outside itself.
+``stages`` (time and memory per stage), and one ``stage-<name>`` section for every other registered
+stage that returns one from its ``report`` method. The file references nothing outside itself.
 """
 
 from __future__ import annotations
@@ -189,6 +190,7 @@ def _context(summary: dict, figures_dir: Path | None) -> dict[str, Any]:
                 ("torch threads", env.get("torch_threads")), ("GPU", env.get("cuda") or "none")]
     env_rows += [(k, v or "not installed") for k, v in (env.get("packages") or {}).items()]
 
+    stage_sections = _stage_sections(summary, keep)
     stages = [{"name": k, "status": v.get("status"), "seconds": _secs(v.get("seconds")), "peak": _mb(v.get("peak_rss_mb"))}
               for k, v in (summary.get("stages") or {}).items()]
     return {
@@ -203,8 +205,27 @@ def _context(summary: dict, figures_dir: Path | None) -> dict[str, Any]:
         "merge": merge_ctx, "env": env_rows,
         "command": summary.get("command") or "", "reproduce": summary.get("reproduce") or "",
         "config_yaml": yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True) if cfg else "",
-        "stages": stages, "figures_saved": saved,
+        "stages": stages, "stage_sections": stage_sections, "figures_saved": saved,
     }
+
+
+def _stage_sections(summary: dict, keep) -> list[dict[str, Any]]:
+    """The sections that registered stages add (see :class:`transferkit.pipeline.Stage.report`), in run order.
+
+    Built-in stages have their sections in the template above; any other stage brings its own."""
+    from ..pipeline import stages
+
+    out = []
+    for stage in stages():
+        result = summary.get(stage.name)
+        if not isinstance(result, dict):
+            continue
+        section = stage.report(result, summary, lambda name, png, s=stage.name: keep(png, f"{s}-{name}.png"))
+        if section:
+            out.append({"id": f"stage-{stage.name}", "title": section.get("title", stage.name),
+                        "text": list(section.get("text", [])), "tables": list(section.get("tables", [])),
+                        "figures": [f for f in section.get("figures", []) if f]})
+    return out
 
 
 def render_report(summary: dict, figures_dir: str | Path | None = None) -> str:

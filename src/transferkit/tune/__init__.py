@@ -1,9 +1,10 @@
 """tune: adapt a pretrained model to a target task; every method returns a Delta.
 
->>> from transferkit.tune import tune, METHODS
+>>> from transferkit.tune import tune
 >>> res = tune(model, train, test, method="lora", config={"r": 8, "epochs": 2}, out_dir="runs/lora")  # doctest: +SKIP
 
-Methods (``METHODS`` holds each one's paper, options and training defaults):
+Each method registers where it lives in the one method registry (``registry.methods("tune")``,
+``transferkit tune --list``: paper, typed options with ranges, training defaults):
 
 - baselines (:mod:`.baselines`): ``linear`` (probe on cached features), ``full``;
 - via Hugging Face PEFT (:mod:`.peft_methods`): ``lora`` (rsLoRA/DoRA flags), ``ia3``, ``prefix``,
@@ -17,9 +18,13 @@ Methods (``METHODS`` holds each one's paper, options and training defaults):
 
 from ._common import TuneResult
 from .baselines import tune
-from .registry import METHODS, split_config
+from .registry import split_config, train_defaults
 
-__all__ = ["METHODS", "TuneResult", "tune", "split_config", "peft_base", "load_peft", "rebuild"]
+# each module registers its methods on import (registration order = the listing's order); PEFT and
+# transformers are only imported inside the functions that need them
+from . import peft_methods, bitfit, adapters, side, sparse, scalearn, translora  # noqa: E402,F401  isort: skip
+
+__all__ = ["TuneResult", "tune", "split_config", "train_defaults", "peft_base", "load_peft", "rebuild"]
 
 
 def peft_base(*args, **kwargs):

@@ -103,7 +103,8 @@ def require_text_hf(model, method: str):
     return hf
 
 
-def plot_curve(history: list[dict], path: Path) -> None:
+def plot_curve(history: list[dict], path: Path):
+    """Write ``curve.png``: the engine's ``train_loss`` and ``val_accuracy`` against the step; return the Figure."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -111,9 +112,9 @@ def plot_curve(history: list[dict], path: Path) -> None:
 
     from ..io import atomic_path
 
-    steps = [h["step"] for h in history if "loss" in h]
+    loss = [(h["step"], h["train_loss"]) for h in history if "train_loss" in h]
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.plot(steps, [h["loss"] for h in history if "loss" in h], label="train loss")
+    ax.plot([s for s, _ in loss], [v for _, v in loss], label="train loss")
     val = [(h["step"], h["val_accuracy"]) for h in history if "val_accuracy" in h]
     if val:
         ax2 = ax.twinx()
@@ -125,3 +126,4 @@ def plot_curve(history: list[dict], path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
+    return fig

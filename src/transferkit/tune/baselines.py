@@ -5,32 +5,36 @@
 - ``full``: backbone and new head are trained end to end on the raw data through the model's
   preprocessing. Delta kind ``full`` (task vector of the backbone + the new head).
 
-The parameter-efficient methods live in :mod:`.peft_methods` (LoRA, IA3, prefix, prompt via Hugging
-Face PEFT), :mod:`.bitfit` and :mod:`.adapters` (unified-view adapters, MAM); :data:`METHODS` lists
-them all with their papers and defaults.
+The other methods live in their own modules and register there (:mod:`transferkit.registry`, stage
+``tune``); :func:`tune` runs ``registry.get("tune", method).fn``.
 
 Every method writes a run folder: ``delta/`` (safetensors + JSON), ``metrics.json``, ``history.json``
 (the training curve) and ``curve.png``; PEFT methods also ``peft/`` (loadable with
-``peft.PeftModel.from_pretrained``).
+``peft.PeftModel.from_pretrained``); a run given its :class:`~transferkit.data.split.Split` also
+``split.json`` (the same record as the Delta's ``meta["split"]``).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .. import registry
 from ..data.dataset import split_mask
+from ..data.split import Split, read_split, write_split
 from ..delta import NEW, Delta, from_states
 from ..engine import CrossEntropy, TrainConfig, evaluate, is_main_process, train
+from ..errors import ConfigError, DataError
 from ..zoo.base import head_seed
 from ._common import Fitted, Pairs, TuneResult, fit_and_evaluate, make_collate, plot_curve
-from .registry import DEFAULTS, METHODS, check_method, split_config
+from .registry import STAGE, PEFT_TRAIN, split_config
 
-__all__ = ["METHODS", "DEFAULTS", "TuneResult", "tune"]
+__all__ = ["TuneResult", "tune"]
 
 _Pairs = Pairs  # backwards-compatible names
 _collate = make_collate
@@ -39,12 +43,19 @@ _plot_curve = plot_curve
 
 def tune(model, train_data, test_data=None, *, method: str = "linear", config: dict | None = None,
          out_dir: str | Path | None = None, resume: bool = False, val_fraction: float = 0.1,
-         progress: bool = True) -> TuneResult:
+         progress: bool = True, split: Split | None = None) -> TuneResult:
     """Adapt ``model`` (a ZooModel) to ``train_data`` with ``method``; evaluate on ``test_data``.
 
-    ``config`` mixes method options (``r``, ``bottleneck``, … — see ``METHODS[method]["options"]``)
-    and training options (:class:`~transferkit.engine.TrainConfig`: ``epochs``, ``lr``, …); method
-    options may also be nested under ``config["options"]``.
+    ``config`` mixes method options (``r``, ``bottleneck``, … — ``transferkit tune --list`` or
+    ``registry.describe(registry.get("tune", method))``) and training options
+    (:class:`~transferkit.engine.TrainConfig`: ``epochs``, ``lr``, …); method options may also be nested
+    under ``config["options"]``. Both are typed and range-checked before anything runs
+    (:func:`~transferkit.tune.registry.split_config`): a bad value is a one-line ConfigError.
+
+    ``split`` is the record of the train/test split ``train_data``/``test_data`` came from
+    (:func:`~transferkit.data.split.make_split`); it is kept in the Delta's ``meta["split"]`` and written
+    to ``out_dir/split.json``, so later evaluations use exactly the held-out items. With ``resume``, a run
+    folder whose ``split.json`` records another split is refused (DataError).
 
     A validation split (``val_fraction`` of the training data, stratified) drives early stopping
     and best-checkpoint selection; the test split is only used for the final metrics. The caller's
@@ -62,24 +73,25 @@ def tune(model, train_data, test_data=None, *, method: str = "linear", config: d
     ...            config={"r": 8, "epochs": 2}, out_dir="runs/lora")            # doctest: +SKIP
     >>> res.metrics["test_accuracy"], res.metrics["trainable_pct"]             # doctest: +SKIP
     """
-    info = check_method(method)
+    m = registry.get(STAGE, method)
     options, train_opts = split_config(method, config)
-    if model.modality not in info["modality"]:
-        from ..errors import ConfigError
-
-        raise ConfigError(f"tune method {method!r} supports {' and '.join(info['modality'])} models; "
+    modality = m.info.get("modality", ())
+    if model.modality not in modality:
+        raise ConfigError(f"tune method {method!r} supports {' and '.join(modality)} models; "
                           f"{model.name!r} is a {model.modality} model")
     cfg = TrainConfig.from_dict({**train_opts, "progress": progress})
+    opts = dataclasses.asdict(options) if options is not None else {}
+    out_dir = Path(out_dir) if out_dir else None
+    if split is not None:
+        _check_split(split, train_data, test_data, out_dir, resume)
     n_classes = len(train_data.classes)
     val_mask = split_mask(train_data, val_fraction, cfg.seed) if val_fraction > 0 else np.zeros(len(train_data), bool)
     fit, val = train_data.subset(~val_mask), (train_data.subset(val_mask) if val_mask.any() else None)
-    out_dir = Path(out_dir) if out_dir else None
     t0 = time.perf_counter()
-    runner = _runner(method)
-    fitted: Fitted = runner(model, fit, val, test_data, n_classes=n_classes, method=method, options=options,
-                            cfg=cfg, out_dir=out_dir, resume=resume, progress=progress,
-                            train_data=train_data, val_mask=val_mask,
-                            init_seed=head_seed(cfg.seed, train_data.classes))
+    fitted: Fitted = m.fn(model, fit, val, test_data, n_classes=n_classes, method=method, options=opts,
+                          cfg=cfg, out_dir=out_dir, resume=resume, progress=progress,
+                          train_data=train_data, val_mask=val_mask,
+                          init_seed=head_seed(cfg.seed, train_data.classes))
     seconds = time.perf_counter() - t0
     backbone_params = sum(p.numel() for p in model.backbone.parameters())
     trainable = fitted.trainable_params
@@ -96,8 +108,10 @@ def tune(model, train_data, test_data=None, *, method: str = "linear", config: d
         **{f"test_{k}": v for k, v in fitted.test_metrics.items() if isinstance(v, (int, float))},
     }
     delta = fitted.delta
-    delta.meta.update({"method": method, "classes": list(train_data.classes), "options": options,
+    delta.meta.update({"method": method, "classes": list(train_data.classes), "options": opts,
                        "config": cfg.__dict__ | {}})
+    if split is not None:
+        delta.meta["split"] = split.to_dict()
     if out_dir and is_main_process():  # under torchrun every rank holds the same result; one writes
         from ..io import write_json
 
@@ -107,35 +121,32 @@ def tune(model, train_data, test_data=None, *, method: str = "linear", config: d
     return TuneResult(method, model.name, delta, metrics, fitted.history, out_dir, fitted.module)
 
 
-def _runner(method: str):
-    family = METHODS[method]["family"]
-    if method == "linear":
-        return _run_linear
-    if method == "full":
-        return _run_full
-    if family == "peft":
-        from .peft_methods import run
-        return run
-    if method == "bitfit":
-        from .bitfit import run
-        return run
-    if method in ("unipt", "sherl", "r2"):
-        from .side import run
-        return run
-    if method == "sparse":
-        from .sparse import run
-        return run
-    if method in ("scalearn", "scalearn-uniform", "scalearn++", "scalearn-uniform++", "adapterfusion"):
-        from .scalearn import run
-        return run
-    if method == "shared-adapter":
-        from .scalearn import run_shared
-        return run_shared
-    if method == "translora":
-        from .translora import run
-        return run
-    from .adapters import run
-    return run
+def _check_split(split: Split, train_data, test_data, out_dir: Path | None, resume: bool) -> None:
+    """``split`` must describe ``train_data``/``test_data``; a resumed folder must record the same split.
+
+    The record is written to ``out_dir/split.json`` before training, so a killed run keeps it for ``--resume``.
+    """
+    if not isinstance(split, Split):
+        raise ConfigError(f"split must be a transferkit.data.split.Split, got {type(split).__name__}")
+    n_test = len(test_data) if test_data is not None else None
+    if n_test is not None and (n_test != len(split.test_ids) or len(train_data) + n_test != split.n):
+        raise DataError(f"the split record ({split.n} items, {len(split.test_ids)} held out) does not describe "
+                        f"this data ({len(train_data)} training + {n_test} test items)")
+    if out_dir is None:
+        return
+    if resume:
+        before = read_split(out_dir)
+        if before is not None and before.to_dict() != split.to_dict():
+            raise DataError(f"cannot resume {out_dir}: it was started on another split ({_what(before)}), not "
+                            f"{_what(split)}; resume with the same data options or use a new --out")
+    if is_main_process():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_split(out_dir, split)
+
+
+def _what(s: Split) -> str:
+    sub = ", ".join(f"{k} {v}" for k, v in (("limit", s.limit), ("per_class", s.per_class)) if v is not None)
+    return f"data {s.data}{', ' + sub if sub else ''}, seed {s.seed}, {len(s.test_ids)} of {s.n} held out"
 
 
 def _run_linear(model, fit, val, test, *, n_classes, cfg, out_dir, resume, progress, train_data, val_mask,
@@ -175,3 +186,16 @@ def _run_full(model, fit, val, test, *, n_classes, cfg, out_dir, resume, init_se
     trainable = sum(p.numel() for p in clf.parameters())  # not the Delta's size: BN running stats change too
     return Fitted(delta, result.metrics, result.history, test_metrics, trainable, clf,
                   {"added_params": head, "head_params": head})
+
+
+_BASELINE, _ANY = "baseline", ["image", "text"]
+registry.register(
+    STAGE, "linear", fn=_run_linear, family=_BASELINE, modality=_ANY,
+    summary="Linear probe: frozen backbone, new linear head trained on cached features.",
+    paper="Kornblith, Shlens, Le. Do Better ImageNet Models Transfer Better? CVPR 2019",
+    train={"epochs": 30, "lr": 1e-2, "batch_size": 64, "weight_decay": 1e-4, "scheduler": "cosine"})
+registry.register(
+    STAGE, "full", fn=_run_full, family=_BASELINE, modality=_ANY,
+    summary="Full fine-tuning: every backbone parameter and a new linear head.",
+    paper="Howard & Ruder. Universal Language Model Fine-tuning (ULMFiT), ACL 2018",
+    train={**PEFT_TRAIN, "lr": 5e-5})

@@ -15,16 +15,26 @@ the tuned model.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
+from .. import registry
 from ..delta import from_states
 from ..errors import ConfigError
+from ..registry import option
 from ..zoo.base import Classifier
 from ._common import Fitted, count_trainable, fit_and_evaluate
+from .registry import PEFT_TRAIN, STAGE
 
-__all__ = ["bias_names", "mark_bias_trainable", "run"]
+__all__ = ["BitFitOptions", "bias_names", "mark_bias_trainable", "run"]
+
+
+@dataclass
+class BitFitOptions:
+    bias_terms: str | list[str] = option("all", help="'all', or module names whose biases train "
+                                         "(e.g. [query, intermediate])")
 
 
 def bias_names(module: nn.Module, bias_terms: Any = "all") -> list[str]:
@@ -64,3 +74,11 @@ def run(model, fit, val, test, *, n_classes, options, cfg, out_dir, resume, init
     head = sum(p.numel() for p in clf.head.parameters())
     return Fitted(delta, result.metrics, result.history, test_metrics, trainable, clf,
                   {"added_params": head, "head_params": head, "bias_params": trainable - head})
+
+
+registry.register(
+    STAGE, "bitfit", fn=run, options=BitFitOptions, family="native", modality=["image", "text"],
+    train={**PEFT_TRAIN, "lr": 5e-3, "weight_decay": 0.0},
+    summary="BitFit: only the bias terms of the backbone (+ new head) are trained.",
+    paper="Ben Zaken, Ravfogel, Goldberg. BitFit: Simple Parameter-efficient Fine-tuning for Transformer-based "
+          "Masked Language-models, ACL 2022 (arXiv:2106.10199)")

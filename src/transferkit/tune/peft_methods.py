@@ -39,6 +39,9 @@ Delta
   difference (``merge_and_unload``) plus ``new.head.*``.
 - ``prefix`` / ``prompt`` (not mergeable): kind ``head`` holding the new tensors
   (``new.peft.<name>``, ``new.head.*``); ``meta["requires"] = "peft"``: reload with PEFT.
+
+Options: :class:`LoraOptions`, :class:`IA3Options`, :class:`PrefixOptions`, :class:`PromptOptions`
+(registered at the end of this module; ``transferkit tune --list`` shows them with their ranges).
 """
 
 from __future__ import annotations
@@ -47,22 +50,75 @@ import copy
 import inspect
 import json
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from .. import registry
 from ..delta import NEW, Delta, from_states
 from ..engine import is_main_process
 from ..errors import ConfigError
+from ..registry import option
 from ..zoo.base import Classifier, pool
 from ._common import Fitted, count_trainable, fit_and_evaluate, require_text_hf
+from .registry import PEFT_TRAIN, STAGE
 
-__all__ = ["PromptClassifier", "peft_base", "peft_config", "wrap", "load_peft", "delta_of", "run"]
+__all__ = ["PromptClassifier", "peft_base", "peft_config", "wrap", "load_peft", "delta_of", "run", "Targets",
+           "LoraCore", "LoraOptions", "IA3Options", "VirtualTokens", "PrefixOptions", "PromptOptions"]
 
 PEFT_DIR = "peft"
 HEAD = "head"
+
+
+# ----------------------------------------------------------------------------------- options
+@dataclass
+class Targets:
+    """The layers a PEFT method adapts."""
+
+    target_modules: list[str] | str | None = option(None, help="names of the layers to adapt, or a regex "
+                                                    "(default: chosen per model, see default_targets)")
+
+
+@dataclass
+class LoraCore(Targets):
+    """A LoRA update s·BA of each target layer (``lora`` and Trans-LoRA's student)."""
+
+    r: int = option(8, low=1, help="rank of the update")
+    alpha: float = option(16.0, low=0.0, low_open=True, help="scale numerator: s = alpha / r (alpha / sqrt(r) "
+                          "with use_rslora)")
+    dropout: float = option(0.05, low=0.0, high=1.0, high_open=True, help="dropout on the input of the update")
+
+
+@dataclass
+class LoraOptions(LoraCore):
+    use_rslora: bool = option(False, help="rank-stabilised scale alpha / sqrt(r) (Kalajdzievski 2023)")
+    use_dora: bool = option(False, help="weight-decomposed LoRA (DoRA, Liu et al. 2024)")
+    bias: str = option("none", choices=("none", "all", "lora_only"), help="which biases train")
+
+
+@dataclass
+class IA3Options(Targets):
+    feedforward_modules: list[str] | str | None = option(None, help="targets whose input (not output) is "
+                                                         "rescaled (default: the FFN output projection)")
+
+
+@dataclass
+class VirtualTokens:
+    num_virtual_tokens: int = option(20, low=1, help="length of the learned prefix / prompt")
+
+
+@dataclass
+class PrefixOptions(VirtualTokens):
+    prefix_projection: bool = option(False, help="reparameterise the prefix by an MLP")
+    encoder_hidden_size: int | None = option(None, low=1, help="width of that MLP (default: the hidden size)")
+
+
+@dataclass
+class PromptOptions(VirtualTokens):
+    init: str = option("random", choices=("random", "sample_vocab"), help="initial prompt embeddings")
 
 
 # ----------------------------------------------------------------------------------- prompt base
@@ -170,7 +226,7 @@ def default_targets(model, clf: nn.Module, method: str) -> tuple[Any, Any]:
 
 
 def peft_config(method: str, options: dict[str, Any], model=None, clf: nn.Module | None = None):
-    """The PEFT config object for ``method`` with transferkit ``options`` (see ``METHODS``)."""
+    """The PEFT config object for ``method`` with transferkit ``options`` (a dict of :class:`LoraOptions`, …)."""
     import peft
 
     if method == "lora":
@@ -219,9 +275,7 @@ def peft_base(model, n_classes: int, method: str = "lora", seed: int = 0, num_vi
     if method in ("prefix", "prompt"):
         hf = require_text_hf(model, method)
         if num_virtual_tokens is None:
-            from .registry import METHODS
-
-            num_virtual_tokens = METHODS[method]["options"]["num_virtual_tokens"]
+            num_virtual_tokens = VirtualTokens().num_virtual_tokens
         return PromptClassifier(copy.deepcopy(hf), clf.head, num_virtual_tokens)
     return Classifier(copy.deepcopy(model.backbone), model.feature_dim, n_classes, seed)
 
@@ -359,3 +413,25 @@ def save(pm, path: Path, *, model, n_classes: int, method: str) -> Path:
     write_json(path / "transferkit.json", {"model": model.name, "method": method, "n_classes": int(n_classes),
                                            "base": "transferkit.tune.peft_base(model, n_classes, method)"})
     return path
+
+
+# ----------------------------------------------------------------------------------- registry
+_ANY, _TEXT = ["image", "text"], ["text"]
+registry.register(
+    STAGE, "lora", fn=run, options=LoraOptions, family="peft", modality=_ANY, train={**PEFT_TRAIN, "lr": 2e-3},
+    summary="LoRA via HF PEFT: low-rank updates s·BA on target Linear/Conv2d layers (+ new head).",
+    paper="Hu et al. LoRA: Low-Rank Adaptation of Large Language Models, ICLR 2022 (arXiv:2106.09685)")
+registry.register(
+    STAGE, "ia3", fn=run, options=IA3Options, family="peft", modality=_ANY, train={**PEFT_TRAIN, "lr": 3e-3},
+    summary="IA3 via HF PEFT: learned vectors rescale keys, values and the FFN activation (+ new head).",
+    paper="Liu et al. Few-Shot Parameter-Efficient Fine-Tuning is Better and Cheaper than In-Context Learning, "
+          "NeurIPS 2022 (arXiv:2205.05638)")
+registry.register(
+    STAGE, "prefix", fn=run, options=PrefixOptions, family="peft", modality=_TEXT, train={**PEFT_TRAIN, "lr": 1e-2},
+    summary="Prefix tuning via HF PEFT: learned key/value prefixes in every attention layer (+ new head).",
+    paper="Li & Liang. Prefix-Tuning: Optimizing Continuous Prompts for Generation, ACL 2021 (arXiv:2101.00190)")
+registry.register(
+    STAGE, "prompt", fn=run, options=PromptOptions, family="peft", modality=_TEXT, train={**PEFT_TRAIN, "lr": 3e-2},
+    summary="Prompt tuning via HF PEFT: learned input embeddings prepended to the text (+ new head).",
+    paper="Lester, Al-Rfou, Constant. The Power of Scale for Parameter-Efficient Prompt Tuning, EMNLP 2021 "
+          "(arXiv:2104.08691)")

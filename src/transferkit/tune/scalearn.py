@@ -66,10 +66,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..delta import NEW, Delta, apply
+from ..engine.objectives import MultiTaskCE
 from ..errors import ConfigError
 from ..zoo.base import Classifier
 from ._common import Fitted, count_trainable, fit_and_evaluate, require_text_hf
-from .adapters import BottleneckAdapter, encoder_layers
+from .adapters import Bottleneck, BottleneckAdapter, Placed, encoder_layers
+from .registry import PEFT_TRAIN, STAGE
+from .. import registry
+from ..registry import option
 
 __all__ = [
     "VARIANTS",
@@ -487,23 +491,6 @@ class MultiTaskClassifier(nn.Module):
         return self.heads[self.active_task](self.features(named if inputs is None else inputs))
 
 
-class MultiTaskCE(nn.Module):
-    """Mean cross-entropy over rows, each scored by its own task's head (batch key ``task_ids``)."""
-
-    def forward(self, model: MultiTaskClassifier, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
-        tids, labels = batch["task_ids"], batch["labels"]
-        feats = model.features(batch["inputs"], tids)
-        loss = feats.new_zeros(())
-        correct = feats.new_zeros(())
-        for t in torch.unique(tids).tolist():
-            rows = tids == t
-            logits = model.heads[t](feats[rows])
-            loss = loss + F.cross_entropy(logits, labels[rows], reduction="sum")
-            correct = correct + (logits.argmax(-1) == labels[rows]).float().sum()
-        n = max(int(labels.shape[0]), 1)
-        return loss / n, {"accuracy": correct / n}
-
-
 @dataclass
 class SharedResult:
     module: MultiTaskClassifier
@@ -642,3 +629,62 @@ def run_shared(model, fit, val, test, *, n_classes, method, options, cfg, out_di
              "adapter_params": m["adapter_params"], "task_accuracy": m["task_accuracy"], "n_tasks": m["n_tasks"]}
     return Fitted(res.delta, m["train_metrics"], res.history, m["test_metrics"], m["trainable_params"],
                   res.module, extra)
+
+
+# ------------------------------------------------------------------------------------------ registry
+@dataclass
+class Sources:
+    sources: list[str] | None = option(None, help="the frozen source adapters: run folders (or their delta/ "
+                                       "folders) of `transferkit tune --method adapter` on the same base")
+
+
+@dataclass
+class ScaLearnOptions(Sources):
+    omega_init: float = option(2.0, help="ω starts at N(omega_init / N, omega_std²)")
+    omega_std: float = option(0.001, low=0.0, help="spread of ω's initialisation")
+    omega_dropout: float = option(0.3, low=0.0, high=1.0, high_open=True, help="dropout on ω during training")
+
+
+@dataclass
+class AdapterFusionOptions(Sources):
+    temperature: float = option(50.0, low=1.0, help="initial softmax temperature, annealed linearly to 1")
+    anneal_steps: int | None = option(None, low=1, help="training steps of the annealing (null: the whole run)")
+
+
+@dataclass
+class SharedAdapterOptions(Placed, Bottleneck):
+    tasks: list[str] | None = option(None, help="the extra tasks (datasets) trained with the --data task")
+    task_per_class: int | None = option(None, low=1, help="at most this many items per class of each extra task")
+    task_name: str = option("task0", help="name (and task prompt) of the --data task")
+    share: str = option("all", choices=("all", "down", "up", "none"), help="what the tasks share: the whole "
+                        "adapter, one projection, or nothing (one adapter per task)")
+    mode: str = option("sequential", choices=("sequential", "parallel"), help="adapter on the sublayer output "
+                       "(sequential) or next to it (parallel)")
+    scale: float = option(1.0, help="s, the scale of the adapter's output")
+    task_prompts: bool = option(True, help="prepend '<task>: ' to every input")
+
+
+_PAPER = ("Frohmann et al. ScaLearn: Simple and Highly Parameter-Efficient Task Transfer by Learning to Scale, "
+          "Findings of ACL 2024 (arXiv:2310.01217)")
+_INFO = {"family": "native", "modality": ["text"]}
+for _name, _summary in (
+        ("scalearn", "ScaLearn: h + Σ_i ω_i ⊙ a_i(h) over frozen source adapters (option sources: adapter run "
+                     "folders), ω ∈ R^{N×d} per site; L·N·d parameters (+ head)."),
+        ("scalearn-uniform", "ScaLearnUniform: one scalar ω_i per source per site; L·N parameters (+ head)."),
+        ("scalearn++", "ScaLearn++: one ω ∈ R^{N×d} shared by all layers; N·d parameters (+ head)."),
+        ("scalearn-uniform++", "ScaLearnUniform++: one scalar per source shared by all layers; N parameters (+ head).")):
+    registry.register(STAGE, _name, fn=run, options=ScaLearnOptions, paper=_PAPER, summary=_summary, **_INFO,
+                      train={**PEFT_TRAIN, "lr": 5e-3, "weight_decay": 0.0})
+registry.register(
+    STAGE, "adapterfusion", fn=run, options=AdapterFusionOptions, **_INFO,
+    train={**PEFT_TRAIN, "lr": 5e-4, "weight_decay": 0.0},
+    summary="AdapterFusion: per-site attention (query h, keys/values W·a_i) over frozen source adapters, "
+            "temperature annealed 50 → 1; 3(d²+d) per site (+ head).",
+    paper="Pfeiffer et al. AdapterFusion: Non-Destructive Task Composition for Transfer Learning, EACL 2021 "
+          "(arXiv:2005.00247)")
+registry.register(
+    STAGE, "shared-adapter", fn=run_shared, options=SharedAdapterOptions, **_INFO, train={**PEFT_TRAIN, "lr": 1e-3},
+    summary="VL-Adapter-style sharing: one bottleneck adapter shared by the --data task and the option tasks "
+            "(datasets), task prompts, one head per task, multi-task training.",
+    paper="Sung, Cho, Bansal. VL-Adapter: Parameter-Efficient Transfer Learning for Vision-and-Language Tasks, "
+          "CVPR 2022 (arXiv:2112.06825)")

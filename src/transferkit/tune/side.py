@@ -64,6 +64,7 @@ Kind ``head``: the side network's tensors ``new.side.*`` and the head ``new.head
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -71,16 +72,49 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import registry
 from ..delta import NEW, Delta, apply
 from ..errors import ConfigError
+from ..registry import option
 from ..zoo.base import MeanPooledEncoder, new_head
 from ._common import Fitted, count_trainable, fit_and_evaluate, make_collate
+from .registry import PEFT_TRAIN, STAGE
 
 __all__ = ["UniPT", "SHERL", "R2Aggregator", "SideClassifier", "LayerTaps", "side_spec", "side_classifier",
-           "rebuild", "param_count", "run", "SIDE_METHODS"]
+           "rebuild", "param_count", "run", "SIDE_METHODS", "SideOptions", "SherlOptions", "R2Options"]
 
 SIDE_METHODS = ("unipt", "sherl", "r2")
 _EPS = 1e-6
+
+
+@dataclass
+class SideOptions:
+    """What every side network reads (``unipt``; ``sherl`` and ``r2`` add theirs)."""
+
+    r: int = option(96, low=1, help="width of the side network")
+    layers: str | list[int] = option("all", help="text models: 'all' or the hidden-state indices read")
+    taps: list[str] | None = option(None, help="image models: modules whose outputs are read "
+                                    "(default: evenly spaced blocks)")
+    grid: int = option(4, low=1, help="image models: each tap average-pooled to grid × grid tokens")
+    cache: bool = option(False, help="run the backbone once and train on the stored features")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.layers, str) and self.layers != "all":
+            raise ValueError(f"option layers must be 'all' or a list of hidden-state indices, got {self.layers!r}")
+
+
+@dataclass
+class SherlOptions(SideOptions):
+    late_layers: int = option(1, low=0, help="m, the last pre-trained layers the merged features go through")
+    late_tune: str = option("frozen", choices=("frozen", "full"), help="those layers frozen or trained")
+
+
+@dataclass
+class R2Options(SideOptions):
+    r: int = option(128, low=1, help="width of the shared recurrent block")
+    n_layers: int | None = option(4, low=1, help="the last n layers visited, deepest first (null: all)")
+    heads: int = option(4, low=1, help="attention heads of the block")
+    dropout: float = option(0.1, low=0.0, high=1.0, high_open=True, help="dropout in the block")
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -530,3 +564,25 @@ def run(model, fit, val, test, *, n_classes, method, options, cfg, out_dir, resu
     return Fitted(delta, result.metrics, result.history, test_metrics, trainable, clf,
                   {"added_params": sum(t.numel() for t in tensors.values()), "head_params": head,
                    "side_params": trainable - head})
+
+
+# -------------------------------------------------------------------------------------- registry
+_INFO = {"family": "native", "modality": ["image", "text"], "train": {**PEFT_TRAIN, "lr": 2e-3}}
+registry.register(
+    STAGE, "unipt", fn=run, options=SideOptions, **_INFO,
+    summary="UniPT side network: frozen backbone under no_grad; parallel interaction + confidence aggregation "
+            "of all layers' features (+ new head).",
+    paper="Diao et al. UniPT: Universal Parallel Tuning for Transfer Learning with Efficient Parameter and Memory, "
+          "CVPR 2024 (arXiv:2308.14316)")
+registry.register(
+    STAGE, "sherl", fn=run, options=SherlOptions, **_INFO,
+    summary="SHERL side network: anti-redundancy aggregation of early layers merged (tanh gate, 0 at start) into "
+            "the last pre-trained layer(s); backprop only through the late layers.",
+    paper="Diao et al. SHERL: Synthesizing High Accuracy and Efficient Memory for Resource-Limited Transfer "
+          "Learning, ECCV 2024 (arXiv:2407.07523)")
+registry.register(
+    STAGE, "r2", fn=run, options=R2Options, **_INFO,
+    summary="R²-Tuning's reversed recurrent block as a side network: one shared block over the last layers, "
+            "deepest first (+ new head).",
+    paper="Liu et al. R²-Tuning: Efficient Image-to-Video Transfer Learning for Video Temporal Grounding, "
+          "ECCV 2024 (arXiv:2404.00801)")

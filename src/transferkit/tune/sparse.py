@@ -38,14 +38,17 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..delta import NEW, SPARSE_IDX, SPARSE_VAL, Delta, apply
 from ..engine import CrossEntropy, TrainConfig, train
+from ..engine.objectives import MaskedLM
 from ..errors import ConfigError, ModelError
 from ..zoo.base import Classifier
 from ._common import Fitted, Pairs, make_collate, require_text_hf
+from .registry import PEFT_TRAIN, STAGE
+from .. import registry
+from ..registry import option
 
 __all__ = ["MaskedLM", "SparseFit", "lt_sft", "topk_masks", "sparse_delta", "compose", "nnz", "domain_sft",
            "resolve_k", "run"]
@@ -157,55 +160,6 @@ def compose(*deltas: Delta) -> Delta:
 
 
 # ------------------------------------------------------------------------------------------- MLM objective
-class MaskedLM(nn.Module):
-    """Masked-language-model objective for BERT-style encoders (an engine objective).
-
-    ``batch["inputs"]`` is tokenizer output (``input_ids``, ``attention_mask``, …); the model is a
-    Hugging Face ``*ForMaskedLM``. Each real, non-special token is selected with ``probability``; of
-    the selected, 80 % become ``mask_token_id``, 10 % a random token, 10 % stay (Devlin et al.); the
-    loss is the cross-entropy on the selected tokens (at least one per batch). Logs ``mlm_accuracy``.
-    Randomness comes from the global torch RNG, which the engine reseeds per step (reproducible).
-    """
-
-    def __init__(self, mask_token_id: int, vocab_size: int, special_ids: list[int] | tuple[int, ...] = (),
-                 probability: float = 0.15):
-        super().__init__()
-        if not 0 < probability < 1:
-            raise ConfigError(f"mlm_probability must be in (0, 1), got {probability}")
-        self.mask_token_id, self.vocab_size = int(mask_token_id), int(vocab_size)
-        self.special_ids = sorted({int(i) for i in special_ids})
-        self.probability = float(probability)
-
-    def mask_tokens(self, ids: torch.Tensor, attention: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        maskable = attention.bool()
-        for s in self.special_ids:
-            maskable &= ids != s
-        chosen = (torch.rand(ids.shape, device=ids.device) < self.probability) & maskable
-        if not chosen.any() and maskable.any():  # at least one target per batch
-            flat = torch.nonzero(maskable.reshape(-1)).reshape(-1)
-            pick = flat[torch.randint(flat.numel(), (1,), device=ids.device)]
-            chosen.view(-1)[pick] = True
-        labels = torch.where(chosen, ids, torch.full_like(ids, -100))
-        u = torch.rand(ids.shape, device=ids.device)
-        masked = ids.clone()
-        masked[chosen & (u < 0.8)] = self.mask_token_id
-        rand = chosen & (u >= 0.8) & (u < 0.9)
-        masked[rand] = torch.randint(self.vocab_size, (int(rand.sum()),), device=ids.device)
-        return masked, labels
-
-    def forward(self, model: nn.Module, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
-        inputs = dict(batch["inputs"])
-        ids, labels = self.mask_tokens(inputs["input_ids"], inputs["attention_mask"])
-        inputs["input_ids"] = ids
-        out = model(**inputs)
-        logits = out.logits if hasattr(out, "logits") else out
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
-        with torch.no_grad():
-            sel = labels != -100
-            acc = (logits.argmax(-1)[sel] == labels[sel]).float().mean()
-        return loss, {"mlm_accuracy": acc}
-
-
 # ------------------------------------------------------------------------------------------- LT-SFT
 @dataclass
 class SparseFit:
@@ -391,3 +345,32 @@ def run(model, fit, val, test, *, n_classes, options, cfg, out_dir, resume, init
     p1 = {f"phase1_{k}": v for k, v in sf.phase1.metrics.items() if k.startswith("val_")}
     return Fitted(delta, sf.phase2.metrics, sf.phase2.history, test_metrics, nnz(task) + n_head, clf,
                   {"added_params": n_head, "head_params": n_head, "k": sf.k, "nnz": nnz(delta), **p1})
+
+
+# ------------------------------------------------------------------------------------------- registry
+@dataclass
+class SparseOptions:
+    """LT-SFT's K (``k`` or ``density``), phase 1, and the optional masked-LM domain SFT first."""
+
+    density: float | None = option(0.01, low=0.0, high=1.0, low_open=True,
+                                   help="K as a fraction of the maskable body entries (when k is null)")
+    k: int | None = option(None, low=1, help="K, the body entries that may change (overrides density)")
+    full_epochs: int | None = option(None, low=1, help="phase-1 (full fine-tuning) epochs (null: epochs)")
+    full_lr: float | None = option(None, low=0.0, low_open=True, help="phase-1 lr (null: lr)")
+    exclude: list[str] | str = option([], help="body parameters (name substrings) that never change")
+    domain_mlm: bool = option(False, help="first a masked-LM domain SFT, composed with the task SFT")
+    domain_data: str | None = option(None, help="its unlabeled text (a dataset; null: the training texts)")
+    domain_delta: str | None = option(None, help="a sparse domain Delta to start from (folder)")
+    domain_density: float | None = option(None, low=0.0, high=1.0, low_open=True,
+                                          help="the domain SFT's density (null: density)")
+    domain_epochs: int | None = option(None, low=1, help="the domain SFT's epochs (null: epochs)")
+    mlm_probability: float = option(0.15, low=0.0, high=1.0, low_open=True, high_open=True,
+                                    help="fraction of tokens masked by the domain SFT")
+
+
+registry.register(
+    STAGE, "sparse", fn=run, options=SparseOptions, family="native", modality=["image", "text"],
+    train={**PEFT_TRAIN, "lr": 5e-4},
+    summary="LT-SFT sparse fine-tuning: full FT, mask = top-K |Δθ|, reset, masked FT; sparse Delta, composable "
+            "by addition (optional masked-LM domain SFT first).",
+    paper="Ansell et al. Composable Sparse Fine-Tuning for Cross-Lingual Transfer, ACL 2022 (arXiv:2110.07560)")

@@ -53,11 +53,15 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
+from ..engine.objectives import KDObjective, kd_loss
 from ._common import Fitted, Pairs, count_trainable, make_collate
+from .peft_methods import LoraCore
+from .registry import PEFT_TRAIN, STAGE
+from .. import registry
+from ..registry import option
 
 __all__ = [
     "AUGMENT_OPS",
@@ -274,46 +278,6 @@ def select(p_real: np.ndarray, *, n_keep: int, threshold: float | None = None, m
 
 
 # ------------------------------------------------------------------------------------- distillation
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 2.0) -> torch.Tensor:
-    """Hinton KD: ``T² · mean_b KL(softmax(t_b/T) ‖ softmax(s_b/T))``; gradient ``(T/B)(p_s − p_t)``."""
-    T = float(temperature)
-    return F.kl_div(F.log_softmax(student_logits / T, -1), F.log_softmax(teacher_logits.to(student_logits.dtype) / T, -1),
-                    reduction="batchmean", log_target=True) * T * T
-
-
-class KDObjective(nn.Module):
-    """Distillation objective: ``kd_loss(student, batch["teacher_logits"], T) + hard_weight·CE``.
-
-    The cross-entropy term uses ``batch["labels"]`` where they are ≥ 0 (true labels of the seeds;
-    synthetic rows carry -1). Logs ``kd``, ``ce`` and ``agreement`` (argmax student = argmax teacher).
-    """
-
-    def __init__(self, temperature: float = 2.0, hard_weight: float = 0.0):
-        super().__init__()
-        if not float(temperature) > 0:
-            raise ConfigError(f"KD temperature must be > 0, got {temperature}")
-        if float(hard_weight) < 0:
-            raise ConfigError(f"KD hard_weight must be >= 0, got {hard_weight}")
-        self.temperature, self.hard_weight = float(temperature), float(hard_weight)
-
-    def forward(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
-        from ..engine import forward
-
-        logits = forward(model, batch["inputs"])
-        teacher = batch["teacher_logits"]
-        kd = kd_loss(logits, teacher, self.temperature)
-        loss, logs = kd, {"kd": kd.detach()}
-        labels = batch.get("labels")
-        if self.hard_weight > 0 and labels is not None:
-            has = labels >= 0
-            ce = F.cross_entropy(logits[has], labels[has]) if bool(has.any()) else logits.new_zeros(())
-            loss = loss + self.hard_weight * ce * has.float().mean()
-            logs["ce"] = ce.detach()
-        with torch.no_grad():
-            logs["agreement"] = (logits.argmax(-1) == teacher.argmax(-1)).float().mean()
-        return loss, logs
-
-
 # ------------------------------------------------------------------------------------- pipeline
 def load_teacher(source, lora: Any, n_classes: int | None = None) -> tuple[nn.Module, Callable[[Any], Any]]:
     """``(module, preprocess)`` of the source model + its LoRA.
@@ -492,3 +456,38 @@ def run(model, fit, val, test, *, n_classes, method, options, cfg, out_dir, resu
                   "source_model": getattr(source, "name", str(source))})
     return Fitted(res.delta, res.train_metrics, res.history, res.test_metrics, res.metrics["trainable_params"],
                   res.module, extra)
+
+
+# ------------------------------------------------------------------------------------- registry
+@dataclass
+class TransLoRAOptions(LoraCore):
+    """The source (teacher), the synthetic data and its filter, the distillation; r … target_modules: the
+    student LoRA on ``--model``."""
+
+    source_model: str | None = option(None, help="the source base (a zoo name or path); required")
+    source_lora: str | None = option(None, help="a `transferkit tune --method lora` run folder on that base; required")
+    n_seed: int = option(5, low=1, help="labelled seed examples per class (the only task data used)")
+    n_synthetic: int = option(200, low=0, help="synthetic inputs kept for the distillation")
+    pool_factor: float = option(3.0, low=1.0, help="candidates generated = pool_factor × n_synthetic")
+    filter: bool = option(True, help="keep the candidates the discriminator finds most real-like")
+    threshold: float | None = option(None, low=0.0, high=1.0, help="keep those with p_real ≥ threshold "
+                                     "(null: the n_synthetic most real-like)")
+    min_keep: int | None = option(None, low=0, help="with a threshold, keep at least this many "
+                                  "(null: n_synthetic // 4)")
+    discriminator: str = option("lora", choices=("lora", "probe"), help="real-vs-synthetic classifier")
+    disc_base: str = option("source", choices=("source", "target"), help="the model it is built on")
+    disc_epochs: int = option(5, low=1, help="its training epochs")
+    augment_ops: list[str] | str | None = option(None, choices=AUGMENT_OPS, help="word-level edits that make "
+                                                 "candidates (null: all)")
+    max_ops: int = option(2, low=1, help="at most this many edits per candidate")
+    temperature: float = option(2.0, low=0.0, low_open=True, help="distillation temperature T")
+    hard_weight: float = option(0.5, low=0.0, help="weight of the seed labels' cross-entropy")
+
+
+registry.register(
+    STAGE, "translora", fn=run, options=TransLoRAOptions, family="native", modality=["text"],
+    train={**PEFT_TRAIN, "lr": 1e-3},
+    summary="Trans-LoRA: distil a source base + LoRA (options source_model, source_lora) into a new LoRA on "
+            "--model from n_seed examples/class + augmented inputs filtered by a discriminator.",
+    paper="Wang et al. Trans-LoRA: towards data-free Transferable Parameter Efficient Finetuning, NeurIPS 2024 "
+          "(arXiv:2405.17258)")

@@ -1,0 +1,90 @@
+"""``transferkit tune``: the command-line face of :mod:`transferkit.tune` (parse → library → emit).
+
+The method options (``--config`` YAML/JSON, mixed with train options) are typed and range-checked
+before any data or model is loaded; a bad value is a one-line ``error: …`` and exit code 2. The
+train/test split is :func:`~transferkit.data.split.make_split` of ``--data`` (stratified, ``--seed``),
+recorded in the run folder's ``split.json`` and the Delta's ``meta["split"]``. ``--list [--json]``
+comes from the registry: every method with its paper and every option with its type, default and range.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from .. import registry
+from ..clitools import emit, read_config
+from ..errors import TransferkitError
+from .registry import STAGE
+
+
+def tune(
+    data: Optional[str] = typer.Option(None, "--data", help="Target dataset name or path (required)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Source model name or path (required)."),
+    method: str = typer.Option("linear", help="Method name; `transferkit tune --list` shows them all with their "
+                               "papers and options."),
+    config: Optional[Path] = typer.Option(None, help="YAML/JSON file of method options (r, bottleneck, …) and "
+                                          "training options (epochs, lr, …)."),
+    epochs: Optional[int] = typer.Option(None), lr: Optional[float] = typer.Option(None),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
+    limit: Optional[int] = typer.Option(None, help="At most this many samples (stratified)."),
+    per_class: Optional[int] = typer.Option(None, "--per-class"),
+    seed: int = typer.Option(0, help="Seeds the sub-sampling, the train/test split and training."),
+    out: Path = typer.Option(Path("runs/tune"), help="Run folder."),
+    resume: bool = typer.Option(False, "--resume", help="Continue a killed run from its last checkpoint."),
+    list_methods: bool = typer.Option(False, "--list", help="List the methods and their options and exit."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Adapt a source model to a target; writes the Delta, metrics, training curve and split.json.
+
+    Example: transferkit tune --data opencv-digits --model digits-mnist --method full --epochs 1 --out runs/t1
+    """
+    if list_methods:
+        emit({name: registry.describe(m) for name, m in registry.methods(STAGE).items()}, as_json, render_list)
+        return
+    from ..data.split import make_split
+    from ..zoo import load_model
+    from .baselines import tune as run_tune
+    from .registry import split_config
+
+    options = read_config(config) if config else {}
+    options.update({k: v for k, v in {"epochs": epochs, "lr": lr, "batch_size": batch_size}.items() if v is not None})
+    options.setdefault("seed", seed)
+    if resume:
+        options.setdefault("checkpoint_every", 50)
+    split_config(method, options)  # every option checked before any data or model is loaded
+    if not data or not model:
+        raise TransferkitError("tune needs --data and --model (or --list)")
+    train_ds, test_ds, split = make_split(data, limit=limit, per_class=per_class, sample_seed=seed, seed=seed)
+    res = run_tune(load_model(model), train_ds, test_ds, method=method, config=options, out_dir=out, resume=resume,
+                   split=split)
+    emit(res.metrics | {"out": str(out)}, as_json, lambda d: [typer.echo(f"{k}: {v}") for k, v in d.items()])
+
+
+def _range(o: dict[str, Any]) -> str:
+    if o.get("choices"):
+        return "one of " + ", ".join(map(str, o["choices"]))
+    parts = []
+    if o.get("low") is not None:
+        parts.append(f"{'>' if o.get('low_open') else '>='} {o['low']}")
+    if o.get("high") is not None:
+        parts.append(f"{'<' if o.get('high_open') else '<='} {o['high']}")
+    return " and ".join(parts)
+
+
+def render_list(catalog: dict) -> None:
+    """Each method: name, summary and paper; then one line per option: type, default, range, help."""
+    for name, d in catalog.items():
+        typer.echo(f"{name:24s} {d['summary']} [{d['paper']}]")
+        modality = " and ".join(d.get("modality", []))
+        train = ", ".join(f"{k}={v}" for k, v in d.get("train", {}).items())
+        typer.echo(f"{'':26s}{modality} models; training defaults: {train}")
+        for o in d["options"]:
+            rng = _range(o)
+            text = f"{o['name']}: {o['type']}, default {o['default']!r}" + (f", {rng}" if rng else "")
+            typer.echo(f"{'':26s}{text}" + (f" — {o['help']}" if o.get("help") else ""))
+
+
+__all__ = ["tune", "render_list"]
