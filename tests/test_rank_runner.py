@@ -86,6 +86,17 @@ def test_rank_models_with_ground_truth_ensemble_and_outputs(tiny_bert_dir, other
     assert {r["logme_rank"] for r in rows} == {"1", "2"}
     assert float(rows[1]["measured_accuracy_linear"]) == pytest.approx(acc[models[1]])
     assert not list(out.glob(".*tmp"))  # atomic writes leave no temporaries
+    # the ground truth's split is the one split function's, recorded: reloading it gives the scored/held-out parts
+    from transferkit.data import load_dataset
+    from transferkit.data.split import held_out, read_split
+
+    split = read_split(out)
+    assert split.test_sha256 == res["ground_truth"]["split"]["test_sha256"] and len(split.test_ids) == res["n_test"]
+    train, test = held_out(split, sentiment_csv)
+    assert len(train) == res["n"] and len(test) == res["n_test"]
+    full = load_dataset(sentiment_csv)
+    assert list(test.X) == [full.X[i] for i in split.test_ids]
+    assert list(train.X) == [x for i, x in enumerate(full.X) if i not in set(split.test_ids)]
 
 
 def test_ground_truth_is_cached_on_disk(tiny_bert_dir, sentiment_csv, monkeypatch):

@@ -265,7 +265,7 @@ def _check_bases(spec: MergeSpec, deltas: list) -> str:
 def _fisher_train_sets(spec: MergeSpec, deltas: list, limit, per_class, seed) -> tuple[list, bool]:
     """Each model's Fisher data — the train part of its recorded split (a run that records none: of a fresh
     split, as `transferkit tune` made it) — and whether any run records no split."""
-    from ..data import load_dataset, train_test_split
+    from ..data.split import make_split
     from .tasks import task_split
 
     sets, legacy = [], False
@@ -275,8 +275,7 @@ def _fisher_train_sets(spec: MergeSpec, deltas: list, limit, per_class, seed) ->
         elif e.data:
             warnings.warn(f"{e.model} records no split: its Fisher uses the training part of {e.data} split as "
                           f"`transferkit tune --seed {seed}` would (--limit/--per-class/--seed)")
-            sets.append(train_test_split(load_dataset(e.data, limit=limit, per_class=per_class, seed=seed),
-                                         seed=seed)[0])
+            sets.append(make_split(e.data, limit=limit, per_class=per_class, sample_seed=seed, seed=seed)[0])
             legacy = True
         else:
             raise ConfigError(f"fisher needs each model's training data (data: per model, --evaluate, or a run that "

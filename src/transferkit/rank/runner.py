@@ -152,7 +152,8 @@ def rank_models(data: Any, models: Sequence, metrics, *, limit: int | None = Non
     ``ensemble``, ``ground_truth`` (measured accuracies) and ``evaluation`` (τ_w, rel@1, regret,
     Pearson per metric).
     """
-    from ..data import Dataset, load_dataset, train_test_split
+    from ..data import Dataset, load_dataset
+    from ..data.split import make_split
     from ..features import extract
     from ..zoo import load_model
     from . import rank_features
@@ -189,10 +190,11 @@ def rank_models(data: Any, models: Sequence, metrics, *, limit: int | None = Non
     ds = data if isinstance(data, Dataset) else load_dataset(data, limit=limit, per_class=per_class, seed=seed)
     if isinstance(data, Dataset) and (limit or per_class):
         ds = load_dataset(data, limit=limit, per_class=per_class, seed=seed)
-    train = test = None
+    train = test = split = None
     scored_ds = ds
-    if ground_truth:
-        train, test = train_test_split(ds, test_size=test_size, seed=seed)
+    if ground_truth:  # the one split function; recorded with the result (and as split.json with out_dir)
+        train, test, split = make_split(data, limit=limit, per_class=per_class, sample_seed=seed, seed=seed,
+                                        test_size=test_size, dataset=ds)
         scored_ds = train
 
     loaded: dict[str, Any] = {}
@@ -260,13 +262,18 @@ def rank_models(data: Any, models: Sequence, metrics, *, limit: int | None = Non
 
         notes.extend(grid_edge_notes(result["ground_truth_runs"]))
         result["ground_truth"] = {"protocol": ground_truth, "accuracy": measured, "seconds": gt_s,
-                                  "n_train": len(train), "n_test": len(test)}
+                                  "n_train": len(train), "n_test": len(test),
+                                  "split": {k: v for k, v in split.to_dict().items() if k != "test_ids"}}
         result["evaluation"] = evaluation({k: scores.get(k, {}) for k in shown}, measured, notes)
         if ensemble is not None:
             _evaluate_ensemble(result["ensemble"], probs, test.y, int(ensemble))
 
     if out_dir:
         write_outputs(result, out_dir)
+        if split is not None:
+            from ..data.split import write_split
+
+            write_split(out_dir, split)
     return result
 
 

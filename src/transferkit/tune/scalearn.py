@@ -607,15 +607,14 @@ def train_shared(model, tasks: dict[str, tuple[Any, Any]], *, share: str = "all"
 
 def run_shared(model, fit, val, test, *, n_classes, method, options, cfg, out_dir, resume, **_) -> Fitted:
     """``tune(method="shared-adapter")``: the ``--data`` task plus ``options["tasks"]`` in one run."""
-    from ..data import load_dataset, train_test_split
+    from ..data.split import make_split
 
     specs = options.get("tasks") or []
     if isinstance(specs, str):
         specs = [specs]
     tasks: dict[str, tuple[Any, Any]] = {str(options.get("task_name") or "task0"): (fit, test)}
     for spec in specs:
-        ds = load_dataset(spec, per_class=options.get("task_per_class"), seed=cfg.seed)
-        tr, te = train_test_split(ds, seed=cfg.seed)
+        tr, te, _ = make_split(spec, per_class=options.get("task_per_class"), sample_seed=cfg.seed, seed=cfg.seed)
         name = str(spec).rsplit("/", 1)[-1].split(".")[0]
         while name in tasks:
             name += "_"
