@@ -6,6 +6,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
+from _cli import bad, ok
 from transferkit.cli import app
 
 runner = CliRunner()
@@ -80,3 +81,15 @@ def test_rank_errors_are_one_line(tiny_bert_dir, other_bert_dir, sentiment_csv):
     _bad(["rank", "--data", d, "--models", m, "--layers", "auto", "--ground-truth", "finetune"], "finetune")
     _bad(["rank", "--data", d, "--models", two, "--metrics", "auto,nope"], "unknown metric")
     _bad(["rank", "--data", d, "--models", m, "--layers", " "], "--layers")
+
+
+def test_list_is_the_registry():
+    from transferkit import registry
+
+    doc = json.loads(ok(["rank", "--list", "--json"]).stdout)
+    assert list(doc) == list(registry.methods("rank"))
+    assert doc["gbc"]["options"][0] == {"name": "pca", "type": "a number", "default": 0.8}
+    assert doc["etran"]["kind"] == "set-level" and doc["leep"]["needs"] == ["probs"]
+    text = ok(["rank", "--list"]).stdout
+    assert all(name in text for name in doc) and "You et al." in text
+    bad(["rank", "--data", "opencv-digits"], "rank needs --data and --models")

@@ -79,3 +79,47 @@ def read_config(path: Path) -> dict:
     if not isinstance(data, dict):
         raise TransferkitError(f"{path} must hold a mapping of options")
     return data
+
+
+def _option_range(o: dict[str, Any]) -> str:
+    if o.get("choices"):
+        return "one of " + ", ".join(map(str, o["choices"]))
+    parts = []
+    if o.get("low") is not None:
+        parts.append(f"{'>' if o.get('low_open') else '>='} {o['low']}")
+    if o.get("high") is not None:
+        parts.append(f"{'<' if o.get('high_open') else '<='} {o['high']}")
+    return " and ".join(parts)
+
+
+_SHOWN_INFO = ("kind", "needs", "family", "modality", "train")
+
+
+def _info_text(value: Any) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={v}" for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return ", ".join(map(str, value))
+    return str(value)
+
+
+def list_methods(stage: str, as_json: bool) -> None:
+    """``transferkit <stage> --list [--json]``: every registered method of ``stage`` with its paper, what
+    the stage records about it, and each option's type, default, range and help (from the registry)."""
+    from . import registry
+
+    catalog = {name: registry.describe(m) for name, m in registry.methods(stage).items()}
+
+    def render(cat: dict) -> None:
+        width = max(map(len, cat), default=0) + 2
+        for name, d in cat.items():
+            typer.echo(f"{name:{width}s}{d['summary']} [{d['paper']}]")
+            facts = "; ".join(f"{k}: {_info_text(d[k])}" for k in _SHOWN_INFO if d.get(k) not in (None, [], {}))
+            if facts:
+                typer.echo(f"{'':{width + 2}s}{facts}")
+            for o in d["options"]:
+                rng = _option_range(o)
+                text = f"{o['name']}: {o['type']}, default {o['default']!r}" + (f", {rng}" if rng else "")
+                typer.echo(f"{'':{width + 2}s}{text}" + (f" — {o['help']}" if o.get("help") else ""))
+
+    emit(catalog, as_json, render)

@@ -26,8 +26,7 @@ from typing import Optional
 
 import typer
 
-from .. import registry
-from ..clitools import emit, read_config, table
+from ..clitools import emit, list_methods, read_config, table
 from ..errors import ConfigError
 from .run import run_merge
 from .spec import build_spec
@@ -48,16 +47,15 @@ def merge(
     per_class: Optional[int] = typer.Option(None, "--per-class", help="Fisher data of runs that record no split: "
                                             "per class."),
     seed: int = typer.Option(0, help="Fisher data of runs that record no split: the seed `transferkit tune` used."),
-    list_methods: bool = typer.Option(False, "--list", help="List the merge methods and exit."),
+    show_list: bool = typer.Option(False, "--list", help="List the merge methods and exit."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Merge fine-tunes (task vectors) of one base: TIES, DARE, task arithmetic, Fisher, soups, LoRA.
 
     Example: transferkit merge --method ties --base all-minilm-l6-v2 --models runs/a,runs/b --out runs/merged
     """
-    if list_methods:
-        catalog = {name: registry.describe(m) for name, m in registry.methods("merge").items()}
-        emit(catalog, as_json, render_list)
+    if show_list:
+        list_methods("merge", as_json)
         return
     if out is None:
         raise ConfigError("merge needs --out DIR")
@@ -66,12 +64,6 @@ def merge(
     report = run_merge(spec, out, limit=limit, per_class=per_class, seed=seed,
                        progress=lambda line: typer.echo(line, err=True))
     emit(report, as_json, render_merge)
-
-
-def render_list(catalog: dict) -> None:
-    for name, d in catalog.items():
-        opts = ", ".join(f"{o['name']}={o['default']}" for o in d["options"])
-        typer.echo(f"{name:16s} {d['summary']} [{d['paper']}]" + (f"\n{'':16s}   options: {opts}" if opts else ""))
 
 
 def render_merge(report: dict) -> None:
@@ -87,4 +79,4 @@ def render_merge(report: dict) -> None:
     typer.echo(f"{report['method']}: {report['n_models']} models → {report['out']} ({report['output']['format']})")
 
 
-__all__ = ["merge", "render_merge", "render_list"]
+__all__ = ["merge", "render_merge"]

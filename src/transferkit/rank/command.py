@@ -7,13 +7,14 @@ from typing import Optional
 
 import typer
 
-from ..clitools import emit, models_option, table
+from ..clitools import emit, list_methods, models_option, table
 from ..errors import TransferkitError
 
 
 def rank(
-    data: str = typer.Option(..., "--data", help="Target dataset name or path."),
-    models: str = typer.Option(..., "--models", help="Comma-separated candidate models (one model with --layers)."),
+    data: Optional[str] = typer.Option(None, "--data", help="Target dataset name or path (required)."),
+    models: Optional[str] = typer.Option(None, "--models", help="Comma-separated candidate models (one model with "
+                                         "--layers; required)."),
     metrics: str = typer.Option("logme,linear_probe", help="Comma-separated metrics, 'all' (every per-model metric), "
                                 "the set-level rankers etran/ncti, or 'auto' (rank aggregation)."),
     layers: Optional[str] = typer.Option(None, "--layers", help="Rank these taps (layers) of the one model, "
@@ -30,6 +31,7 @@ def rank(
     per_class: Optional[int] = typer.Option(None, "--per-class", help="At most this many samples per class."),
     seed: int = typer.Option(0),
     out: Optional[Path] = typer.Option(None, help="Write ranking.json and ranking.csv (and rank.json) into this directory."),
+    show_list: bool = typer.Option(False, "--list", help="List the metrics and rankers with their options and exit."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Rank candidate source models (or layers) for a target without fine-tuning them.
@@ -42,6 +44,11 @@ def rank(
     """
     from .runner import rank_models
 
+    if show_list:
+        list_methods("rank", as_json)
+        return
+    if not data or not models:
+        raise TransferkitError("rank needs --data and --models (or --list)")
     gt = ground_truth.strip().lower() if ground_truth else None
     if gt is not None and gt not in ("linear", "finetune"):
         raise TransferkitError(f"unknown --ground-truth {ground_truth!r}; use linear or finetune")

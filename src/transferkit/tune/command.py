@@ -10,12 +10,11 @@ comes from the registry: every method with its paper and every option with its t
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import typer
 
-from .. import registry
-from ..clitools import emit, read_config
+from ..clitools import emit, list_methods, read_config
 from ..errors import TransferkitError
 from .registry import STAGE
 
@@ -34,15 +33,15 @@ def tune(
     seed: int = typer.Option(0, help="Seeds the sub-sampling, the train/test split and training."),
     out: Path = typer.Option(Path("runs/tune"), help="Run folder."),
     resume: bool = typer.Option(False, "--resume", help="Continue a killed run from its last checkpoint."),
-    list_methods: bool = typer.Option(False, "--list", help="List the methods and their options and exit."),
+    show_list: bool = typer.Option(False, "--list", help="List the methods and their options and exit."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Adapt a source model to a target; writes the Delta, metrics, training curve and split.json.
 
     Example: transferkit tune --data opencv-digits --model digits-mnist --method full --epochs 1 --out runs/t1
     """
-    if list_methods:
-        emit({name: registry.describe(m) for name, m in registry.methods(STAGE).items()}, as_json, render_list)
+    if show_list:
+        list_methods(STAGE, as_json)
         return
     from ..data.split import make_split
     from ..zoo import load_model
@@ -63,28 +62,4 @@ def tune(
     emit(res.metrics | {"out": str(out)}, as_json, lambda d: [typer.echo(f"{k}: {v}") for k, v in d.items()])
 
 
-def _range(o: dict[str, Any]) -> str:
-    if o.get("choices"):
-        return "one of " + ", ".join(map(str, o["choices"]))
-    parts = []
-    if o.get("low") is not None:
-        parts.append(f"{'>' if o.get('low_open') else '>='} {o['low']}")
-    if o.get("high") is not None:
-        parts.append(f"{'<' if o.get('high_open') else '<='} {o['high']}")
-    return " and ".join(parts)
-
-
-def render_list(catalog: dict) -> None:
-    """Each method: name, summary and paper; then one line per option: type, default, range, help."""
-    for name, d in catalog.items():
-        typer.echo(f"{name:24s} {d['summary']} [{d['paper']}]")
-        modality = " and ".join(d.get("modality", []))
-        train = ", ".join(f"{k}={v}" for k, v in d.get("train", {}).items())
-        typer.echo(f"{'':26s}{modality} models; training defaults: {train}")
-        for o in d["options"]:
-            rng = _range(o)
-            text = f"{o['name']}: {o['type']}, default {o['default']!r}" + (f", {rng}" if rng else "")
-            typer.echo(f"{'':26s}{text}" + (f" — {o['help']}" if o.get("help") else ""))
-
-
-__all__ = ["tune", "render_list"]
+__all__ = ["tune"]
