@@ -197,6 +197,16 @@ def reference(assets, tmp_path_factory):  # noqa: F811
         return cfg, run_pipeline(cfg, tmp_path_factory.mktemp("reference"), progress=False)
 
 
+def test_a_second_run_gives_identical_results(reference, cache, tmp_path):
+    """At one torch thread count a run is repeatable bit for bit (README: what the thread count changes)."""
+    import torch
+
+    cfg, ref = reference
+    again = run_pipeline(cfg, tmp_path / "again", progress=False)
+    assert _results(again) == _results(ref)
+    assert again["environment"]["torch_threads"] == torch.get_num_threads()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["rank", "ground_truth", "tune", "merge", "report"])
 def test_resume_after_a_kill_in_any_stage_gives_the_same_results(stage, reference, cache, tmp_path, monkeypatch):
