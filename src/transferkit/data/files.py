@@ -12,6 +12,15 @@ Formats
     names or ids) and ``split`` (``train``/``test``, kept in ``is_test``). In CSV/TSV only empty cells
     count as missing (so a review reading "NA" stays text). JSONL: one JSON object per line, blank
     lines skipped.
+
+    Labels follow **one rule in every table format**, applied to each label as written (a CSV cell,
+    a JSON number or string, a parquet value): a label that reads as a number (``3``, ``"3"``,
+    ``3.0``, ``1e1``) is a number, anything else (``pos``, ``True``) is a name. A column of numbers
+    must hold integers (``2.5`` is rejected) and gives integer classes in numeric order; a column of
+    names gives the sorted names; a column mixing numbers and names (``1``, ``pos``, ``2.5``) is a
+    one-line :class:`~transferkit.errors.DataError` in CSV, TSV, JSONL and parquet alike (write
+    every label as a name, e.g. ``one``/``pos``, or every label as an integer). Empty cells, JSON
+    ``null`` and NaN are missing labels (an error).
 image folder
     ``root/<class name>/**/<image>`` with extensions ``.png .jpg .jpeg .bmp .gif .tif .tiff .webp
     .ppm .pgm .pbm``; class names are the sub-folder names, sorted; sub-folders without images are
@@ -27,6 +36,7 @@ Hugging Face ``datasets.Dataset``
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable
@@ -98,7 +108,7 @@ def read_table(path: Path):
     suffix = path.suffix.lower()
     try:
         if suffix in (".csv", ".tsv"):
-            return pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", dtype={"text": str},
+            return pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", dtype={"text": str, "label": str},
                                keep_default_na=False, na_values=[""])
         if suffix == ".jsonl":
             rows = []
@@ -144,7 +154,56 @@ def dataset_from_frame(df, name: str, *, where: str, meta: dict | None = None) -
     texts = _texts(df["text"].tolist(), where)
     domains = df["domain"] if "domain" in cols else None
     is_test = _split_column(df["split"], where) if "split" in cols else None
-    return make_dataset(name, texts, df["label"], domains=domains, is_test=is_test, meta=meta, modality="text")
+    labels = _label_column(df["label"].tolist(), where)
+    return make_dataset(name, texts, labels, domains=domains, is_test=is_test, meta=meta, modality="text")
+
+
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+_INTEGER = re.compile(r"[+-]?\d+")
+
+
+def _label_column(values: list, where: str) -> np.ndarray:
+    """The label rule of every table format (module docstring): int64 numbers or str names."""
+    numbers: list[int | float] = []
+    names: list[str] = []
+    missing = []
+    for i, v in enumerate(values):
+        if v is None or (isinstance(v, float) and v != v) or type(v).__name__ in ("NAType", "NaTType"):
+            missing.append(i)
+        elif isinstance(v, (bool, np.bool_)):
+            names.append(str(bool(v)))
+        elif isinstance(v, (int, np.integer)):
+            numbers.append(int(v))
+        elif isinstance(v, (float, np.floating)):
+            if not np.isfinite(v):
+                raise DataError(f"{where}: labels contain NaN or infinite values (row {i})")
+            numbers.append(int(v) if float(v).is_integer() else float(v))
+        elif isinstance(v, str):
+            t = v.strip()
+            if _INTEGER.fullmatch(t):
+                numbers.append(int(t))
+            elif _NUMBER.fullmatch(t):
+                f = float(t)
+                numbers.append(int(f) if f.is_integer() else f)
+            else:
+                names.append(v)
+        else:
+            raise DataError(f"{where}: labels must be integers or strings, got {type(v).__name__} in row {i}")
+    if missing:
+        raise DataError(f"{where}: labels have {len(missing)} missing values (first at row {missing[0]})")
+    if numbers and names:
+        raise DataError(f"{where}: column 'label' is a mix of types: numbers (e.g. {numbers[0]!r}) and names (e.g. "
+                        f"{names[0]!r}); write every label as a name or every label as an integer")
+    if names:
+        return np.asarray(names, dtype=str)
+    frac = [x for x in numbers if isinstance(x, float)]
+    if frac:
+        raise DataError(f"{where}: labels must be integers or names, got a number with a fractional part "
+                        f"(e.g. {frac[0]:g})")
+    try:
+        return np.asarray(numbers, dtype=np.int64)
+    except OverflowError:
+        raise DataError(f"{where}: integer labels out of range") from None
 
 
 def _texts(values: list, where: str) -> list[str]:

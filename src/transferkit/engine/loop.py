@@ -16,6 +16,13 @@ Nothing in the loop depends on hidden state:
 A run resumed from the checkpoint of step ``s`` therefore sees exactly the batches and random numbers
 the uninterrupted run saw after step ``s`` and ends with the same weights and metrics.
 
+Divergence
+----------
+Before each optimizer step the mean training loss of the update is checked (one scalar per step):
+NaN, infinite, or more than :data:`DIVERGED` (10⁶) times the first update's loss (at least 1) stops the
+run with :class:`TrainingDiverged`, a one-line ConfigError naming the step and the lr (CLI exit 2).
+The step is not taken, so no non-finite weight reaches a checkpoint or the caller's artifacts.
+
 Multi-process and multi-GPU
 ---------------------------
 One code path for one and many processes. Each process trains on its shard of every epoch (the
@@ -63,7 +70,7 @@ from ..io import write_json
 from .checkpoint import latest_checkpoint, load_checkpoint, load_module_state, module_state, save_checkpoint
 from .objectives import CrossEntropy, forward
 
-__all__ = ["TrainConfig", "TrainResult", "train", "evaluate", "lr_factor"]
+__all__ = ["TrainConfig", "TrainResult", "TrainingDiverged", "train", "evaluate", "lr_factor"]
 
 log = logging.getLogger("transferkit.engine")
 
@@ -73,6 +80,21 @@ _PRECISIONS = ("no", "fp16", "bf16")
 # options that may change between a run and its resume without changing the trajectory
 _RESUME_FREE = {"progress", "num_workers", "checkpoint_every", "keep_checkpoints", "eval_batch_size",
                 "log_every", "cpu"}
+# a training loss this many times its first value (at least 1) means the run diverged
+DIVERGED = 1e6
+# sane maxima: a value past one of these is a typo (``--epochs 1000000000000`` would run for millions of
+# hours), refused before anything starts
+MAXIMA = {"epochs": 100_000, "max_steps": 100_000_000, "batch_size": 2**20, "eval_batch_size": 2**20,
+          "grad_accum": 2**16, "num_workers": 1024, "keep_checkpoints": 10_000}
+
+
+class TrainingDiverged(ConfigError):
+    """The training loss became NaN, infinite or :data:`DIVERGED` times its first value (at least 1).
+
+    The run stops before the optimizer step that would use that loss.
+
+    A bad-input error (CLI exit 2) like every ConfigError: almost always the learning rate is too high.
+    """
 
 
 # --------------------------------------------------------------------------------------------- config
@@ -108,6 +130,9 @@ class TrainConfig:
     num_workers : DataLoader worker processes.
     cpu : force the CPU even when a GPU is present.
     progress : progress bar on stderr (main process only).
+
+    Maxima (:data:`MAXIMA`): ``epochs`` ≤ 100 000, ``max_steps`` ≤ 10⁸, ``batch_size`` and
+    ``eval_batch_size`` ≤ 2²⁰, ``grad_accum`` ≤ 2¹⁶, ``num_workers`` ≤ 1024, ``keep_checkpoints`` ≤ 10 000.
     """
 
     epochs: int = 3
@@ -141,6 +166,10 @@ class TrainConfig:
         _at_least(self, 1, "epochs", "batch_size", "eval_batch_size", "grad_accum", "keep_checkpoints",
                   "log_every", "max_steps", "eval_every", "early_stopping_patience", "checkpoint_every")
         _at_least(self, 0, "num_workers", "seed")
+        for name, high in MAXIMA.items():
+            value = getattr(self, name)
+            if value is not None and value > high:
+                raise ConfigError(f"train option {name} must be at most {high:_}, got {value:_}")
         if not self.lr > 0 or not math.isfinite(self.lr):
             raise ConfigError(f"train option lr must be a positive number, got {self.lr}")
         if not 0 <= self.weight_decay < math.inf:
@@ -846,6 +875,7 @@ def _train(model, streams, objective, frozen, config, val, collate_fn, out, resu
     bad_evals = 0
     stopped = False
     best_state: dict[str, torch.Tensor] | None = None
+    first_loss: float | None = None  # the first update's loss: the scale a diverged loss is judged against
     running: dict[str, torch.Tensor] = {}  # size-weighted sums of the logs since the last record
     running_n = 0
     last_eval_step = -1
@@ -868,6 +898,7 @@ def _train(model, streams, objective, frozen, config, val, collate_fn, out, resu
         best_state = tensors.get("best")
         running = {k_: v.to(device) for k_, v in state["running"].items()}
         running_n = int(state["running_n"])
+        first_loss = state.get("first_loss")
         if main:
             log.info("resumed from %s (step %d of %d)", path, step, total)
 
@@ -908,7 +939,7 @@ def _train(model, streams, objective, frozen, config, val, collate_fn, out, resu
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": acc.scaler.state_dict() if getattr(acc, "scaler", None) is not None else None,
                 "running": {x: v.detach().cpu() for x, v in running.items()},
-                "running_n": running_n,
+                "running_n": running_n, "first_loss": first_loss,
                 "config": config.to_dict(), "fingerprint": fingerprint, "total_steps": total,
             }
             save_checkpoint(ckpt_root, step, tensors=tensors, state=state, keep=config.keep_checkpoints)
@@ -960,6 +991,7 @@ def _train(model, streams, objective, frozen, config, val, collate_fn, out, resu
                 if before_step is not None:
                     before_step(step, total)
                 _reseed(_mix(config.seed, 1, step, rank), device)
+                step_loss = torch.zeros((), dtype=torch.float64, device=device)
                 for i, size in enumerate(sizes):
                     raws = next(it)
                     if streams[0][0] is None:
@@ -975,6 +1007,7 @@ def _train(model, streams, objective, frozen, config, val, collate_fn, out, resu
                             raise ConfigError("objective must return a scalar loss tensor, a dict of logs and "
                                               "optionally a dict of per-sample outputs")
                         loss, logs = res[0], res[1]
+                        step_loss = step_loss + loss.detach().double() * (size / group_n)
                         acc.backward(loss * (size / group_n))
                     for key, value in (res[2] if len(res) == 3 else {}).items():
                         if not isinstance(value, torch.Tensor) or value.ndim == 0 or len(value) != size:
@@ -987,9 +1020,19 @@ def _train(model, streams, objective, frozen, config, val, collate_fn, out, resu
                             else torch.tensor(float(value), device=device)
                         running[key] = running[key] + v * size if key in running else v * size
                     running_n += size
+                lr = optimizer.param_groups[0]["lr"] / optimizer.param_groups[0].get("lr_scale", 1.0)
+                if world > 1:  # every rank sees the same mean loss and stops together
+                    step_loss = acc.reduce(step_loss, reduction="mean")
+                value = float(step_loss)
+                if first_loss is None:
+                    first_loss = value
+                if not math.isfinite(value) or abs(value) > DIVERGED * max(1.0, abs(first_loss)):
+                    # before the step: no NaN reaches the weights, the checkpoints or a Delta
+                    raise TrainingDiverged(f"training diverged: the training loss is {value:.3g} at step {step + 1} of "
+                                           f"{total} (it started at {first_loss:.3g}; lr {lr:.3g}); lower the "
+                                           "learning rate")
                 if config.max_grad_norm is not None:
                     acc.clip_grad_norm_(params, config.max_grad_norm)
-                lr = optimizer.param_groups[0]["lr"] / optimizer.param_groups[0].get("lr_scale", 1.0)
                 optimizer.step()
                 if not acc.optimizer_step_was_skipped:
                     scheduler.step()

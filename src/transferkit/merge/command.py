@@ -26,9 +26,9 @@ from typing import Optional
 
 import typer
 
-from ..clitools import emit, list_methods, read_config, table
+from ..clitools import SEED_MAX, check_out, emit, list_methods, read_config, table
 from ..errors import ConfigError
-from .run import run_merge
+from .run import MERGE_FILES, run_merge
 from .spec import build_spec
 
 
@@ -46,7 +46,7 @@ def merge(
     limit: Optional[int] = typer.Option(None, help="Fisher data of runs that record no split: at most this many."),
     per_class: Optional[int] = typer.Option(None, "--per-class", help="Fisher data of runs that record no split: "
                                             "per class."),
-    seed: int = typer.Option(0, help="Fisher data of runs that record no split: the seed `transferkit tune` used."),
+    seed: int = typer.Option(0, min=0, max=SEED_MAX, help="Fisher data of runs that record no split: the seed `transferkit tune` used."),
     show_list: bool = typer.Option(False, "--list", help="List the merge methods and exit."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
@@ -61,6 +61,8 @@ def merge(
         raise ConfigError("merge needs --out DIR")
     spec = build_spec(read_config(config) if config is not None else None, method=method, base=base, models=models,
                       weights=weights, params=param, evaluate=evaluate)
+    # before any work: never a file, an input (a run folder) or a folder transferkit did not write
+    check_out(out, names=MERGE_FILES, replaces=True, inputs=[config, spec.base, *(e.model for e in spec.models)])
     report = run_merge(spec, out, limit=limit, per_class=per_class, seed=seed,
                        progress=lambda line: typer.echo(line, err=True))
     emit(report, as_json, render_merge)

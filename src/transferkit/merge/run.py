@@ -36,7 +36,10 @@ from ..errors import ConfigError, ModelError
 from .layers import check_value, is_scalar, n_layers, scaled, value_for
 from .spec import MergeSpec, get_method, parse_options
 
-__all__ = ["merge_deltas", "run_merge", "resolve_input"]
+__all__ = ["merge_deltas", "run_merge", "resolve_input", "MERGE_FILES"]
+
+# what a merge writes into its output folder (a Delta, or safetensors shards + index), and the marker
+MERGE_FILES = ("merge.json", "delta", "*.safetensors", "*.safetensors.index.json")
 
 
 def _options(m: registry.Method, options: Any) -> Any:
@@ -178,10 +181,12 @@ def run_merge(spec: MergeSpec, out: str | Path, *, limit: int | None = None, per
     ``limit``/``per_class``/``seed`` only choose the Fisher data of a Delta that records no split (as
     `transferkit tune` loaded and split it); recorded splits are reused as they are.
     """
-    from ..io import atomic_path
+    from ..io import MARKER, atomic_path, check_out, dumps_json
 
     t0 = time.perf_counter()
     m = get_method(spec.method)
+    # before any work: never replace an input (a run folder), a file, or a folder transferkit did not write
+    check_out(out, names=MERGE_FILES, replaces=True, inputs=[e.model for e in spec.models] + [spec.base])
     resolved = [resolve_input(e.model) for e in spec.models]
     kinds = {k for k, _ in resolved}
     if len(kinds) > 1:
@@ -212,7 +217,8 @@ def run_merge(spec: MergeSpec, out: str | Path, *, limit: int | None = None, per
                                       "bytes": res.total_bytes, "passes": res.passes})
                 report["seconds"] = round(time.perf_counter() - t0, 3)
                 report["warnings"] = [str(w.message) for w in caught]
-                (tmp / "merge.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+                (tmp / "merge.json").write_text(dumps_json(_jsonable(report)) + "\n")
+                (tmp / MARKER).write_text(json.dumps({"written_by": "transferkit", "command": "merge"}) + "\n")
             return report
 
         deltas = [d for _, d in resolved]
@@ -243,7 +249,8 @@ def run_merge(spec: MergeSpec, out: str | Path, *, limit: int | None = None, per
         with atomic_path(out) as tmp:
             tmp.mkdir()
             merged.save(tmp / "delta")
-            (tmp / "merge.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+            (tmp / "merge.json").write_text(dumps_json(_jsonable(report)) + "\n")
+            (tmp / MARKER).write_text(json.dumps({"written_by": "transferkit", "command": "merge"}) + "\n")
     return report
 
 

@@ -49,8 +49,22 @@ zero-mass coordinates is the sign of Σ γ over the model; it is only known afte
 that pass is repeated in the rare case that the sign differs from the +1 assumed *and* some
 coordinate needed it.
 
-Tensors. Integer/bool tensors (``num_batches_tracked``, position ids) are copied from the base, as
-are tensors named in ``exclude`` (names or prefixes ending in ``.``). Every float tensor keeps the
+Tensors. Integer/bool tensors (``num_batches_tracked``, position ids) are buffers, never merged:
+copied from the base, as are tensors named in ``exclude`` (names or prefixes ending in ``.``; these
+may be absent from the fine-tunes). Buffer rule for inputs that disagree: an integer/bool tensor
+that is not in *every* input (base and models) is skipped — not written, listed in the output's
+``skipped_buffers`` — because such a tensor is a non-persistent buffer that some library version
+saved and another did not (``embeddings.position_ids`` in a BERT saved by transformers < 4.31 next to
+fine-tunes saved by a later one), and a model that loads from the inputs that lack it rebuilds it
+itself. A *float* tensor missing from an input still means a different model (an error, unless
+``exclude`` names it).
+
+Hugging Face models. When the base (or, if the base is a file, the first model) is a directory
+holding a ``config.json`` (a ``save_pretrained`` folder), its other non-weight files (``config.json``,
+``generation_config.json``, tokenizer and processor files, custom code) are copied into the output,
+so the merge of HF models is an HF model directory: ``AutoModel.from_pretrained(out)`` loads it
+(the shards + ``model.safetensors.index.json`` are the HF sharded layout). The files copied are listed
+in the index metadata (``copied_files``). Every float tensor keeps the
 base's dtype; fp16/bf16 inputs are upcast and merged in float32 (float64 if any input is float64)
 and cast back once. Tied/shared tensors: a checkpoint written by ``safetensors.torch.save_model``
 stores each shared tensor once and records ``{dropped_name: kept_name}`` in its metadata; those
@@ -383,10 +397,12 @@ def stream_merge(base: str | os.PathLike, models: Sequence[str | os.PathLike], o
             raise ConfigError(f"tied: source tensor {source!r} (of {alias!r}) is not in the base checkpoint")
         if alias in base_ck.info and base_ck.info[alias].shape != base_ck.info[source].shape:
             raise ConfigError(f"tied: {alias!r} and {source!r} have different shapes in the base")
-    _check_compatible(base_ck, cks, models, set(tied))
-
     exclude = tuple(exclude)
-    names = [n for n in base_ck.info if n not in tied]
+    skipped = _partial_buffers(base_ck, cks)
+    optional = set(tied) | skipped | {n for n in base_ck.info if _excluded(n, exclude)}
+    _check_compatible(base_ck, cks, models, optional)
+
+    names = [n for n in base_ck.info if n not in tied and n not in skipped]
     names.sort()
     merged_names = [n for n in names if base_ck.info[n].is_float and not _excluded(n, exclude)]
     merged_set = set(merged_names)
@@ -482,9 +498,13 @@ def stream_merge(base: str | os.PathLike, models: Sequence[str | os.PathLike], o
                 params["global_fill_sign"] = fill_box["fill"]
         params.update(excluded=sorted(n for n in names if n not in merged_set and base_ck.info[n].is_float),
                       copied_from_base=sorted(n for n in names if not base_ck.info[n].is_float),
+                      skipped_buffers=sorted(skipped),
                       tied=dict(sorted({**tied, **base_ck.tied()}.items())), passes=passes)
         if dare:
             params["mean_abs_delta"] = [s / n if n else 0.0 for s, n in zip(stats["abs_sum"], stats["n"])]
+        side = _copy_hf_files(base, models, tmp)
+        if side:
+            params["copied_files"] = side
         index = writer.index({"transferkit_merge": params})
         (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
     if dare and warn_above is not None:
@@ -665,14 +685,50 @@ def _global_thresholds(names: list[str], taus: Callable[[str], Iterator[torch.Te
     return [_from_bits(v, itype, cdtype) for v in prefix], d, n_digits
 
 
-def _check_compatible(base: Checkpoint, cks: list[Checkpoint], paths: Sequence, tied_aliases: set[str]) -> None:
-    """Same tensor names and shapes everywhere (tied aliases may be missing); else name the first."""
-    want = {n: i for n, i in base.info.items() if n not in tied_aliases}
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf", ".index.json")
+
+
+def _copy_hf_files(base, models: Sequence, out: Path) -> dict[str, list[str]] | None:
+    """Copy the non-weight files of the HF directory of ``base`` (else of the first model) into ``out``."""
+    import shutil
+
+    for src in [Path(base), *(Path(m) for m in models[:1])]:
+        if src.is_dir() and (src / "config.json").is_file():
+            copied = []
+            for f in sorted(src.iterdir()):
+                if f.is_file() and not f.name.startswith(".") and not f.name.endswith(_WEIGHT_SUFFIXES) \
+                        and not (out / f.name).exists():
+                    shutil.copy2(f, out / f.name)
+                    copied.append(f.name)
+            return {"from": str(src), "files": copied}
+    return None
+
+
+def _partial_buffers(base: Checkpoint, cks: list[Checkpoint]) -> set[str]:
+    """Integer/bool tensors that some input lacks (non-persistent buffers saved by some versions only)."""
+    everyone = [base, *cks]
+    names = set().union(*(ck.info for ck in everyone))
+    out = set()
+    for n in names:
+        infos = [ck.info[n] for ck in everyone if n in ck.info]
+        if len(infos) < len(everyone) and not any(i.is_float for i in infos):
+            out.add(n)
+    return out
+
+
+def _check_compatible(base: Checkpoint, cks: list[Checkpoint], paths: Sequence, optional: set[str]) -> None:
+    """Same tensor names and shapes everywhere; else name the first.
+
+    ``optional`` names are not compared (tied aliases, skipped buffers, excluded tensors of the base,
+    which are copied from it) and may be missing from the models.
+    """
+    want = {n: i for n, i in base.info.items() if n not in optional}
     for ck, path in zip(cks, paths):
-        have = {n: i for n, i in ck.info.items() if n not in tied_aliases}
+        have = {n: i for n, i in ck.info.items() if n not in optional}
         for name in sorted(set(want) | set(have)):
             if name not in have:
-                raise ConfigError(f"incompatible checkpoints: tensor {name!r} is in the base but not in {path}")
+                raise ConfigError(f"incompatible checkpoints: tensor {name!r} is in the base but not in {path} "
+                                  "(exclude it to keep the base's)")
             if name not in want:
                 raise ConfigError(f"incompatible checkpoints: tensor {name!r} is in {path} but not in the base")
             if have[name].shape != want[name].shape:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import math
 import os
 import shlex
 import shutil
@@ -21,25 +20,20 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from ..errors import ConfigError
+from ..io import MARKER, check_out, finite_json, mark
 from ..runtime import PeakMemory, Progress, environment, fmt_seconds, max_rss
 from .config import PipelineConfig, Target, label, load_config
 from .stage import stages
 
-__all__ = ["Run", "run_pipeline", "finite_json"]
+__all__ = ["Run", "run_pipeline", "finite_json", "output_names"]
 
 STATE_VERSION = 1
-_RUNNER_FILES = ("state.json", "summary.json", "report.html", "pipeline.yaml", "splits")
+_RUNNER_FILES = ("state.json", "summary.json", "report.html", "pipeline.yaml", "splits")  # state.json: the signature
 
 
-def finite_json(obj: Any) -> Any:
-    """NaN/inf (an undefined correlation, a failed score) become null, so every JSON file is strict JSON."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: finite_json(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [finite_json(v) for v in obj]
-    return obj
+def output_names() -> list[str]:
+    """What a pipeline writes into its run folder: the runner's files and one folder per registered stage."""
+    return [*_RUNNER_FILES, *(s.name for s in stages()), MARKER]
 
 
 def _now() -> str:
@@ -53,6 +47,7 @@ class Run:
         self.cfg, self.out, self.resume = cfg, out, resume
         self.progress = Progress(progress)
         self._data: dict[str, tuple[Any, Any, Any]] = {}
+        self._loaded: dict[str, Any] = {}  # target → its dataset, loaded and checked before anything is written
         self.results: dict[str, dict] = {}
         self.t0 = time.perf_counter()
         self.state: dict[str, Any] = {}
@@ -112,7 +107,9 @@ class Run:
             lim, seed = self.cfg.limits, self.cfg.seeds[0]
             limit, per_class = target.limit or lim.samples, target.per_class or lim.per_class
             path = self.out / "splits" / f"{target.name}.json"
-            ds = load_dataset(target.data, limit=limit, per_class=per_class, seed=seed)
+            ds = self._loaded.pop(target.name, None)
+            if ds is None:
+                ds = load_dataset(target.data, limit=limit, per_class=per_class, seed=seed)
             if path.is_file():
                 record = Split.from_dict(json.loads(path.read_text()), str(path))
                 train, test = held_out(record, dataset=ds, what=f"target {target.name}")
@@ -123,6 +120,20 @@ class Run:
                 write_json(path, record.to_dict())
             self._data[target.name] = (train, test, record)
         return self._data[target.name]
+
+    def check_targets(self) -> None:
+        """Load every target and run the training check (≥ 2 classes, …) before the first artifact is written."""
+        from ..data import load_dataset
+        from ..data.dataset import validate
+
+        lim, seed = self.cfg.limits, self.cfg.seeds[0]
+        for target in self.cfg.targets:
+            if target.name in self._data or target.name in self._loaded:
+                continue
+            ds = load_dataset(target.data, limit=target.limit or lim.samples,
+                              per_class=target.per_class or lim.per_class, seed=seed)
+            validate(ds)
+            self._loaded[target.name] = ds
 
     def data(self, target: Target):
         """``(train, test)`` of ``target`` (see :meth:`split`)."""
@@ -237,8 +248,12 @@ def run_pipeline(config: str | os.PathLike | Mapping | PipelineConfig, out_dir: 
 
     cfg = load_config(config)
     out = Path(out_dir).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
+    inputs = [cfg.source, *cfg.models, *(t.data for t in cfg.targets)]
+    check_out(out, names=output_names(), inputs=inputs)  # before any work: not a file, writable, not ours → no clash
     run = Run(cfg, out, resume, progress)
+    run.check_targets()  # every target loads and can be trained on, before the first artifact
+    out.mkdir(parents=True, exist_ok=True)
+    mark(out, "run")
     run.load_state()
     run.command = command or run.state.get("command") or _default_command(out, cfg)
     run.state["command"] = run.command

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from ..clitools import emit, list_methods, models_option, table
+from ..clitools import SEED_MAX, check_out, emit, list_methods, models_option, table
 from ..errors import TransferkitError
 
 
@@ -29,7 +29,7 @@ def rank(
     lrs: Optional[str] = typer.Option(None, "--lrs", help="Comma-separated lr grid for --ground-truth finetune."),
     limit: Optional[int] = typer.Option(None, help="At most this many target samples (stratified)."),
     per_class: Optional[int] = typer.Option(None, "--per-class", help="At most this many samples per class."),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, min=0, max=SEED_MAX),
     out: Optional[Path] = typer.Option(None, help="Write ranking.json and ranking.csv (and rank.json) into this directory."),
     show_list: bool = typer.Option(False, "--list", help="List the metrics and rankers with their options and exit."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
@@ -62,12 +62,21 @@ def rank(
     names = models_option(models)
     if layers is not None and not layers.strip():
         raise TransferkitError("--layers needs at least one layer name, or 'auto'")
+    if out is not None:  # before any work: a bad --out is found now, not after the ranking
+        check_out(out, names=RANK_FILES, inputs=(data, *names))
     result = rank_models(data, names, metrics, limit=limit, per_class=per_class, seed=seed, out_dir=out,
                          layers=layers, ensemble=ensemble, ground_truth=gt, test_size=test_size,
                          gt_config={"epochs": epochs} if epochs is not None else None, gt_lrs=grid)
+    if out is not None:
+        from ..io import mark
+
+        mark(out, "rank")
     emit(result, as_json, render_rank)
     if out and not as_json:
         typer.echo(f"wrote {out / 'ranking.json'} and {out / 'ranking.csv'}")
+
+
+RANK_FILES = ("ranking.json", "ranking.csv", "rank.json", "split.json")
 
 
 def _floats(text: str, what: str) -> list[float]:

@@ -79,6 +79,10 @@ def tune(model, train_data, test_data=None, *, method: str = "linear", config: d
     if model.modality not in modality:
         raise ConfigError(f"tune method {method!r} supports {' and '.join(modality)} models; "
                           f"{model.name!r} is a {model.modality} model")
+    for ds in (train_data, test_data):  # before any method builds or trains anything
+        if ds is not None and getattr(ds, "modality", model.modality) != model.modality:
+            raise DataError(f"model {model.name!r} takes {model.modality} inputs but {ds.name!r} is "
+                            f"{ds.modality} data")
     cfg = TrainConfig.from_dict({**train_opts, "progress": progress})
     opts = dataclasses.asdict(options) if options is not None else {}
     out_dir = Path(out_dir) if out_dir else None
@@ -87,11 +91,16 @@ def tune(model, train_data, test_data=None, *, method: str = "linear", config: d
     n_classes = len(train_data.classes)
     val_mask = split_mask(train_data, val_fraction, cfg.seed) if val_fraction > 0 else np.zeros(len(train_data), bool)
     fit, val = train_data.subset(~val_mask), (train_data.subset(val_mask) if val_mask.any() else None)
+    init_seed = head_seed(cfg.seed, train_data.classes)
     t0 = time.perf_counter()
-    fitted: Fitted = m.fn(model, fit, val, test_data, n_classes=n_classes, method=method, options=opts,
-                          cfg=cfg, out_dir=out_dir, resume=resume, progress=progress,
-                          train_data=train_data, val_mask=val_mask,
-                          init_seed=head_seed(cfg.seed, train_data.classes))
+    # every initialisation a method draws from the global RNG (adapters, prefixes, PEFT's lora_A) starts
+    # from init_seed, so one seed gives one run (and a resumed run the same start); the caller's RNG is kept
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(init_seed)
+        fitted: Fitted = m.fn(model, fit, val, test_data, n_classes=n_classes, method=method, options=opts,
+                              cfg=cfg, out_dir=out_dir, resume=resume, progress=progress,
+                              train_data=train_data, val_mask=val_mask, init_seed=init_seed)
     seconds = time.perf_counter() - t0
     backbone_params = sum(p.numel() for p in model.backbone.parameters())
     trainable = fitted.trainable_params

@@ -3,7 +3,9 @@
 The method options (``--config`` YAML/JSON, mixed with train options) are typed and range-checked
 before any data or model is loaded; a bad value is a one-line ``error: …`` and exit code 2. The
 train/test split is :func:`~transferkit.data.split.make_split` of ``--data`` (stratified, ``--seed``),
-recorded in the run folder's ``split.json`` and the Delta's ``meta["split"]``. ``--list [--json]``
+recorded in the run folder's ``split.json`` and the Delta's ``meta["split"]``. Training writes a checkpoint
+every :data:`CHECKPOINT_EVERY` steps (and at the end) into ``OUT/checkpoints``, so any killed run can be
+continued with ``--resume``; ``--resume`` without a checkpoint says so in one line and starts from scratch. ``--list [--json]``
 comes from the registry: every method with its paper and every option with its type, default and range.
 """
 
@@ -14,9 +16,15 @@ from typing import Optional
 
 import typer
 
-from ..clitools import emit, list_methods, read_config
+from ..clitools import SEED_MAX, check_out, emit, list_methods, read_config
 from ..errors import TransferkitError
 from .registry import STAGE
+
+# what a tune run writes into its folder (a folder transferkit did not write keeps any other file)
+TUNE_FILES = ("split.json", "delta", "metrics.json", "history.json", "curve.png", "checkpoints", "phase1")
+
+# training steps between checkpoints (and one at the end) unless the config sets checkpoint_every
+CHECKPOINT_EVERY = 50
 
 
 def tune(
@@ -30,9 +38,11 @@ def tune(
     batch_size: Optional[int] = typer.Option(None, "--batch-size"),
     limit: Optional[int] = typer.Option(None, help="At most this many samples (stratified)."),
     per_class: Optional[int] = typer.Option(None, "--per-class"),
-    seed: int = typer.Option(0, help="Seeds the sub-sampling, the train/test split and training."),
+    seed: int = typer.Option(0, min=0, max=SEED_MAX, help="Seeds the sub-sampling, the train/test split and training."),
     out: Path = typer.Option(Path("runs/tune"), help="Run folder."),
-    resume: bool = typer.Option(False, "--resume", help="Continue a killed run from its last checkpoint."),
+    resume: bool = typer.Option(False, "--resume", help="Continue a killed run from its last checkpoint (written "
+                                "every 50 steps and at the end; `checkpoint_every` in --config changes it, null "
+                                "turns it off)."),
     show_list: bool = typer.Option(False, "--list", help="List the methods and their options and exit."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
@@ -51,15 +61,29 @@ def tune(
     options = read_config(config) if config else {}
     options.update({k: v for k, v in {"epochs": epochs, "lr": lr, "batch_size": batch_size}.items() if v is not None})
     options.setdefault("seed", seed)
-    if resume:
-        options.setdefault("checkpoint_every", 50)
+    # checkpoints by default, so that a run killed without --resume can still be resumed
+    options.setdefault("checkpoint_every", CHECKPOINT_EVERY)
     split_config(method, options)  # every option checked before any data or model is loaded
     if not data or not model:
         raise TransferkitError("tune needs --data and --model (or --list)")
+    check_out(out, names=TUNE_FILES, inputs=(data, model, config))  # before any work
     train_ds, test_ds, split = make_split(data, limit=limit, per_class=per_class, sample_seed=seed, seed=seed)
+    if resume:
+        _say_if_fresh(out)
     res = run_tune(load_model(model), train_ds, test_ds, method=method, config=options, out_dir=out, resume=resume,
                    split=split)
+    from ..io import mark
+
+    mark(out, "tune")
     emit(res.metrics | {"out": str(out)}, as_json, lambda d: [typer.echo(f"{k}: {v}") for k, v in d.items()])
+
+
+def _say_if_fresh(out: Path) -> None:
+    """One line on stderr when ``--resume`` finds nothing to resume from (the run starts from scratch)."""
+    from ..engine import is_main_process, latest_checkpoint
+
+    if is_main_process() and latest_checkpoint(out / "checkpoints") is None:
+        typer.echo(f"resume: no checkpoint in {out}, starting from scratch", err=True)
 
 
 __all__ = ["tune"]

@@ -8,14 +8,37 @@ PEFT's format into ``out_dir/peft/``, so that PEFT itself loads it::
     base = peft_base(zoo_model, n_classes, method="lora")        # what the adapter was trained on
     model = PeftModel.from_pretrained(base, "runs/lora/peft")     # same logits as transferkit's run
 
+The folder ``out_dir/peft/`` holds
+- ``adapter_config.json`` + ``adapter_model.safetensors``: PEFT's own files (the head in ``modules_to_save``);
+- ``transferkit.json``: model, method, number of classes (what :func:`load_peft` needs);
+- for ``lora`` / ``ia3`` on a Hugging Face text encoder also ``head.safetensors`` (``weight`` (C, D),
+  ``bias`` (C,)) and ``README.md``. There the adapter tensors carry the **encoder's own names**
+  (``base_model.model.encoder.layer.0.attention.self.query.lora_A.weight``), so plain transformers + PEFT
+  load it onto the base encoder, with the LoRA/IA3 weights applied::
+
+      encoder = PeftModel.from_pretrained(AutoModel.from_pretrained(base), "runs/lora/peft")
+      head = safetensors.torch.load_file("runs/lora/peft/head.safetensors")
+      logits = mean_pool(encoder(**batch).last_hidden_state, batch["attention_mask"]) @ head["weight"].T + head["bias"]
+
+  No standard ``AutoModelFor…`` class reproduces transferkit's text classifier: these encoders are
+  sentence-transformers models read with attention-masked *mean* pooling, while
+  ``AutoModelForSequenceClassification`` (BERT) classifies the pooled ``[CLS]`` token through a
+  pooler layer. Hence the encoder adapter + a separate head (the README shows the full snippet).
+
 Which base
 ----------
-- ``lora`` / ``ia3``: the :class:`~transferkit.zoo.base.Classifier` (backbone + new linear head) of
-  any ZooModel — Hugging Face text encoders (default targets: ``query``/``value`` for LoRA;
-  key, value and the FFN output projection for IA3) and plain torch models (default targets: every
-  ``nn.Linear`` and non-grouped ``nn.Conv2d`` of the backbone, e.g. MobileNetV2's 1×1 convolutions).
+- ``lora`` / ``ia3`` on a Hugging Face text encoder: :class:`PooledClassifier` (the encoder's modules
+  under their own names + mean pooling + new head; default targets: ``query``/``value`` for LoRA;
+  key, value and the FFN output projection for IA3). Folders written by older versions (adapter
+  names ``backbone.model.…``) are still read by :func:`load_peft`.
+- ``lora`` / ``ia3`` on any other ZooModel: the :class:`~transferkit.zoo.base.Classifier` (backbone +
+  new linear head) — plain torch models (default targets: every ``nn.Linear`` and non-grouped
+  ``nn.Conv2d`` of the backbone, e.g. MobileNetV2's 1×1 convolutions).
 - ``prefix`` / ``prompt``: :class:`PromptClassifier`, the Hugging Face encoder + mean pooling + head
   in the form PEFT's prompt learning needs (a ``config``, keyword inputs). Text models only.
+
+New modules (LoRA's ``lora_A``, prompt and prefix embeddings) are drawn from the global torch RNG
+seeded with the run's ``init_seed`` (:func:`~transferkit.zoo.head_seed`), so one seed gives one run.
 
 The new classification head is always in PEFT's ``modules_to_save`` (``["head"]``): it is trained
 and saved with the adapter. (Left out, PEFT would save only the adapter and a reload would come
@@ -62,11 +85,11 @@ from ..delta import NEW, Delta, from_states
 from ..engine import is_main_process
 from ..errors import ConfigError
 from ..registry import option
-from ..zoo.base import Classifier, pool
+from ..zoo.base import Classifier, MeanPooledEncoder, new_head, pool
 from ._common import Fitted, count_trainable, fit_and_evaluate, require_text_hf
 from .registry import PEFT_TRAIN, STAGE
 
-__all__ = ["PromptClassifier", "peft_base", "peft_config", "wrap", "load_peft", "delta_of", "run", "Targets",
+__all__ = ["PromptClassifier", "PooledClassifier", "peft_base", "peft_config", "wrap", "load_peft", "delta_of", "run", "Targets",
            "LoraCore", "LoraOptions", "IA3Options", "VirtualTokens", "PrefixOptions", "PromptOptions"]
 
 PEFT_DIR = "peft"
@@ -179,6 +202,46 @@ class PromptClassifier(nn.Module):
         return self.head(pool(out, real_mask))
 
 
+# ----------------------------------------------------------------------------------- encoder base
+class PooledClassifier(nn.Module):
+    """A Hugging Face encoder → masked mean pooling → linear head, with the **encoder's own** parameter names.
+
+    The base that ``lora`` / ``ia3`` wrap for a Hugging Face text encoder. Its children are the encoder's
+    children themselves (``embeddings``, ``encoder``, …, shared objects) plus ``head``, so PEFT names the
+    adapter tensors as it would for ``AutoModel.from_pretrained(base)`` (``base_model.model.encoder.layer.0
+    .attention.self.query.lora_A.weight``): the saved adapter applies to the plain encoder. The forward
+    pass is :class:`~transferkit.zoo.base.MeanPooledEncoder` + head, so the logits equal the
+    :class:`~transferkit.zoo.base.Classifier` with the same weights (:meth:`as_classifier`).
+    """
+
+    def __init__(self, hf: nn.Module, feature_dim: int, n_classes: int, seed: int = 0):
+        super().__init__()
+        for name, child in hf.named_children():
+            self.add_module(name, child)
+        object.__setattr__(self, "encoder_model", hf)  # not a submodule: its children are ours
+        self.head = new_head(feature_dim, n_classes, seed)
+
+    def forward(self, inputs: Any = None, **named: torch.Tensor) -> torch.Tensor:
+        x = named if inputs is None else inputs
+        return self.head(pool(self.encoder_model(**x).last_hidden_state, x["attention_mask"]))
+
+    def as_classifier(self) -> Classifier:
+        """The same module as a :class:`Classifier` (``backbone.model.*`` + ``head``), sharing the weights."""
+        clf = Classifier(MeanPooledEncoder(self.encoder_model), self.head.in_features, self.head.out_features)
+        clf.head = self.head
+        return clf
+
+
+_BACKBONE = "backbone.model."  # where a PooledClassifier's parameters sit in the Classifier / the Delta
+
+
+def _tk_name(base: nn.Module, name: str) -> str:
+    """A parameter name of the PEFT base as transferkit's Classifier (and Delta) names it."""
+    if isinstance(base, PooledClassifier) and not name.startswith(HEAD + "."):
+        return _BACKBONE + name
+    return name
+
+
 # ----------------------------------------------------------------------------------- configs
 def _is_hf_text(model) -> bool:
     from ..zoo.base import MeanPooledEncoder
@@ -229,6 +292,9 @@ def peft_config(method: str, options: dict[str, Any], model=None, clf: nn.Module
     """The PEFT config object for ``method`` with transferkit ``options`` (a dict of :class:`LoraOptions`, …)."""
     import peft
 
+    if isinstance(clf, PooledClassifier):  # full names given as in the Classifier (backbone.model.…)
+        options = {k: ([t[len(_BACKBONE):] if t.startswith(_BACKBONE) else t for t in v] if isinstance(v, list) else v)
+                   for k, v in options.items()}
     if method == "lora":
         targets = options.get("target_modules")
         if targets is None:
@@ -277,6 +343,8 @@ def peft_base(model, n_classes: int, method: str = "lora", seed: int = 0, num_vi
         if num_virtual_tokens is None:
             num_virtual_tokens = VirtualTokens().num_virtual_tokens
         return PromptClassifier(copy.deepcopy(hf), clf.head, num_virtual_tokens)
+    if _is_hf_text(model):
+        return PooledClassifier(copy.deepcopy(model.backbone.model), model.feature_dim, n_classes, seed)
     return Classifier(copy.deepcopy(model.backbone), model.feature_dim, n_classes, seed)
 
 
@@ -290,16 +358,22 @@ def wrap(model, n_classes: int, method: str, options: dict[str, Any], seed: int 
             raise ConfigError(f"prefix tuning needs an encoder that accepts a key/value cache; "
                               f"{type(model.backbone.model).__name__} does not")
     base = peft_base(model, n_classes, method, seed, num_virtual_tokens=options.get("num_virtual_tokens"))
-    base_state = {k: v.detach().clone() for k, v in base.state_dict().items()}
+    base_state = {_tk_name(base, k): v.detach().clone() for k, v in base.state_dict().items()}
     config = peft_config(method, options, model, base)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), torch.random.fork_rng(devices=_cuda_devices()):
         warnings.simplefilter("ignore")
+        torch.manual_seed(int(seed))  # PEFT draws lora_A / prompt embeddings from the global RNG: seed it
         try:
             pm = peft.get_peft_model(base, config)
         except (ValueError, TypeError, KeyError) as exc:
             raise ConfigError(f"PEFT rejected the {method} configuration: {str(exc).splitlines()[0]}") from None
     _check_head_only_saved(pm)
     return pm, base_state
+
+
+def _cuda_devices() -> list[int]:
+    """The CUDA devices whose RNG :func:`torch.random.fork_rng` must save (none on a CPU-only machine)."""
+    return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
 
 
 def _cache_unsupported(hf: nn.Module) -> bool:
@@ -328,9 +402,22 @@ def load_peft(model, path: str | Path, n_classes: int | None = None) -> nn.Modul
     method = info.get("method") or {"LORA": "lora", "IA3": "ia3", "PREFIX_TUNING": "prefix",
                                     "PROMPT_TUNING": "prompt"}[str(cfg.peft_type.value if hasattr(cfg.peft_type, "value") else cfg.peft_type)]
     base = peft_base(model, int(n_classes), method, num_virtual_tokens=getattr(cfg, "num_virtual_tokens", None))
+    if isinstance(base, PooledClassifier) and _legacy_names(path):
+        # a folder written before adapters were saved under the encoder's names (backbone.model.…)
+        base = Classifier(copy.deepcopy(model.backbone), model.feature_dim, int(n_classes))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return PeftModel.from_pretrained(base, str(path)).eval()
+
+
+def _legacy_names(path: Path) -> bool:
+    from safetensors import safe_open
+
+    f = path / "adapter_model.safetensors"
+    if not f.is_file():
+        return False
+    with safe_open(str(f), "pt") as st:
+        return any(k.startswith("base_model.model." + _BACKBONE) for k in st.keys())
 
 
 # ----------------------------------------------------------------------------------- delta
@@ -355,7 +442,8 @@ def delta_of(pm, base_state: dict[str, torch.Tensor], method: str, base_name: st
         return Delta(base_name, "head", tensors, {"requires": "peft", "peft_type": str(cfg.peft_type.value),
                                                   "num_virtual_tokens": int(cfg.num_virtual_tokens)})
     inner = pm.get_base_model()
-    lora_layers = {n: m for n, m in inner.named_modules() if isinstance(m, LoraLayer) and "default" in m.lora_A}
+    lora_layers = {_tk_name(inner, n): m for n, m in inner.named_modules()
+                   if isinstance(m, LoraLayer) and "default" in m.lora_A}
     factored = method == "lora" and not cfg.use_dora and cfg.bias == "none" and all(
         m.lora_A["default"].weight.dim() == 2 for m in lora_layers.values())
     if factored:
@@ -376,10 +464,14 @@ def delta_of(pm, base_state: dict[str, torch.Tensor], method: str, base_name: st
 
 
 def merged_copy(pm) -> nn.Module:
-    """``merge_and_unload`` of a deep copy: a plain module with the adapter folded into the weights."""
+    """``merge_and_unload`` of a deep copy: a plain module with the adapter folded into the weights.
+
+    A :class:`PooledClassifier` base comes back as the equivalent :class:`Classifier`.
+    """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return copy.deepcopy(pm).merge_and_unload(safe_merge=True).eval()
+        merged = copy.deepcopy(pm).merge_and_unload(safe_merge=True).eval()
+    return merged.as_classifier().eval() if isinstance(merged, PooledClassifier) else merged
 
 
 # ----------------------------------------------------------------------------------- runner
@@ -410,9 +502,46 @@ def save(pm, path: Path, *, model, n_classes: int, method: str) -> Path:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pm.save_pretrained(str(path))
-    write_json(path / "transferkit.json", {"model": model.name, "method": method, "n_classes": int(n_classes),
-                                           "base": "transferkit.tune.peft_base(model, n_classes, method)"})
+    info = {"model": model.name, "method": method, "n_classes": int(n_classes),
+            "base": "transferkit.tune.peft_base(model, n_classes, method)"}
+    if isinstance(pm.get_base_model(), PooledClassifier):
+        from ..io import save_safetensors
+
+        save_safetensors({k[len(HEAD) + 1:]: v.contiguous() for k, v in _head_state(pm).items()}, path / HEAD_FILE)
+        hub = (model.meta or {}).get("hub_id") or str(model.name)
+        info.update({"encoder": "transformers.AutoModel", "pooling": "attention-masked mean of last_hidden_state",
+                     "head": HEAD_FILE})
+        (path / "README.md").write_text(_README.format(base=hub, n=int(n_classes), dim=model.feature_dim,
+                                                       max_length=getattr(model.preprocess, "max_length", 128)))
+    write_json(path / "transferkit.json", info)
     return path
+
+
+HEAD_FILE = "head.safetensors"
+_README = """# transferkit adapter
+
+Base encoder: `{base}` (mean pooling over the real tokens, then a linear head: {dim} → {n} classes).
+
+Without transferkit — transformers + PEFT only:
+
+```python
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModel, AutoTokenizer
+
+encoder = PeftModel.from_pretrained(AutoModel.from_pretrained("{base}"), "THIS_FOLDER").eval()
+head = load_file("THIS_FOLDER/head.safetensors")                   # weight ({n}, {dim}), bias ({n},)
+batch = AutoTokenizer.from_pretrained("{base}")(texts, padding=True, truncation=True, max_length={max_length},
+                                               return_tensors="pt")
+with torch.no_grad():
+    h = encoder(**batch).last_hidden_state
+    m = batch["attention_mask"].unsqueeze(-1).to(h.dtype)
+    logits = ((h * m).sum(1) / m.sum(1).clamp(min=1e-9)) @ head["weight"].T + head["bias"]
+```
+
+With transferkit: `transferkit.tune.load_peft(load_model("{base}"), "THIS_FOLDER")` (the whole classifier).
+"""
 
 
 # ----------------------------------------------------------------------------------- registry

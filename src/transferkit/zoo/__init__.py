@@ -9,12 +9,21 @@
 
 Catalogue models are listed by :func:`list_models`; any ``nn.Module`` (+ a safetensors/.pth file)
 becomes a ZooModel through :func:`from_module`.
+
+Remote code. A Hugging Face directory whose ``config.json`` has an ``auto_map`` brings Python that
+transformers would import. It runs only when the caller asks for it: ``load_model(..., trust_remote_code=True)``
+in Python, or, for commands and pipelines, the ``--trust-remote-code`` flag typed on the command line,
+which sets :func:`remote_code` for that one invocation. A pipeline file cannot turn it on
+(``model_options: {m: {trust_remote_code: true}}`` is a ConfigError): a YAML file may come from
+anywhere, a flag is typed by the user who runs it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from .. import assets
 from ..errors import ModelError
@@ -23,7 +32,22 @@ from .base import (PENULTIMATE, Classifier, ImagePreprocess, MeanPooledEncoder, 
 from .loaders import from_module, load_catalogue, load_hf, load_hub, load_timm
 
 __all__ = ["load_model", "list_models", "model_names", "from_module", "ZooModel", "Classifier", "head_seed",
-           "ImagePreprocess", "TextPreprocess", "MeanPooledEncoder", "read_tap", "PENULTIMATE"]
+           "ImagePreprocess", "TextPreprocess", "MeanPooledEncoder", "read_tap", "PENULTIMATE", "remote_code"]
+
+_TRUST_REMOTE_CODE: contextvars.ContextVar[bool] = contextvars.ContextVar("transferkit_trust_remote_code",
+                                                                          default=False)
+
+
+@contextlib.contextmanager
+def remote_code(trust: bool = True) -> Iterator[None]:
+    """Within the block, :func:`load_model` of a Hugging Face directory or ``hf:ID`` runs the model's own
+    code (``trust_remote_code=True``) unless the call says otherwise. Set by the CLI's
+    ``--trust-remote-code`` flag only; never by a configuration file."""
+    token = _TRUST_REMOTE_CODE.set(bool(trust))
+    try:
+        yield
+    finally:
+        _TRUST_REMOTE_CODE.reset(token)
 
 
 def model_names() -> list[str]:
@@ -62,16 +86,19 @@ def load_model(spec: str | Path, **opts: Any) -> ZooModel:
     ``spec`` is one of: a catalogue name (see :func:`list_models`); a local Hugging Face model
     directory (``config.json`` + weights, tokenizer for text); ``hf:ID`` (hub id, needs a reachable
     hub or a local HF cache); ``timm:NAME`` (needs timm). ``opts`` go to the loader (e.g.
-    ``max_length=``, ``tokenizer=``, ``modality=``, ``trust_remote_code=True`` — never on by default).
+    ``max_length=``, ``tokenizer=``, ``modality=``, ``trust_remote_code=True`` — never on by default; see
+    :func:`remote_code`).
     Unknown names, missing or corrupt weights and weights that do not fit raise a one-line
     :class:`ModelError`.
     """
     if isinstance(spec, Path) or (isinstance(spec, str) and Path(spec).expanduser().is_dir()):
+        opts.setdefault("trust_remote_code", _TRUST_REMOTE_CODE.get())
         return load_hf(Path(spec).expanduser(), **opts)
     if not isinstance(spec, str) or not spec.strip():
         raise ModelError(f"a model spec must be a non-empty string, got {spec!r}")
     spec = spec.strip()
     if spec.startswith("hf:"):
+        opts.setdefault("trust_remote_code", _TRUST_REMOTE_CODE.get())
         return load_hub(spec[3:], **opts)
     if spec.startswith("timm:"):
         return load_timm(spec[5:], **opts)
