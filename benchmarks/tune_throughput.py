@@ -56,7 +56,7 @@ def main() -> None:
 
     from transferkit.data import load_dataset
     from transferkit.engine import CrossEntropy, TrainConfig, train
-    from transferkit.engine.loop import _order, _rank_batches
+    from transferkit.engine.data import _order, _rank_batches
     from transferkit.tune._common import Pairs, make_collate
     from transferkit.tune.peft_methods import wrap
     from transferkit import registry

@@ -8,7 +8,8 @@ See :mod:`transferkit.engine.loop` for determinism, resume and multi-process lau
 """
 
 from .checkpoint import latest_checkpoint, list_checkpoints
-from .loop import TrainConfig, TrainResult, evaluate, is_main_process, lr_factor, train, world_size
+from .config import TrainConfig, TrainingDiverged, TrainResult
+from .loop import evaluate, is_main_process, lr_factor, train, world_size
 from .objectives import (
     CrossEntropy,
     GradientReversal,
