@@ -153,15 +153,9 @@ def models_option(models: str) -> list[str]:
 
 def read_config(path: Path) -> dict:
     """A YAML/JSON file of options (a mapping); alias bombs and invalid YAML are one-line errors."""
-    from .io import load_yaml
+    from .io import read_yaml_file
 
-    if not path.is_file():
-        raise TransferkitError(f"config file not found: {path}")
-    try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise TransferkitError(f"cannot read {path}: {_one_line(exc, 200)}") from None
-    data = load_yaml(text, str(path))
+    data = read_yaml_file(path, "config file")
     if not isinstance(data, dict):
         raise TransferkitError(f"{path} must hold a mapping of options")
     return data

@@ -231,6 +231,19 @@ def dumps_json(obj: Any, indent: int | None = 2) -> str:
 YAML_MAX_NODES = 100_000  # alias-expanded nodes a user YAML document may have
 
 
+def read_yaml_file(path: str | os.PathLike, what: str = "file") -> Any:
+    """The YAML document in ``path`` through :func:`load_yaml`; a missing or unreadable file is a one-line
+    :class:`ConfigError`."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"{what} not found: {path}")
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read {path}: {' '.join(str(e).split())[:200]}") from None
+    return load_yaml(text, str(path))
+
+
 def load_yaml(text: str, what: str = "YAML", max_nodes: int = YAML_MAX_NODES) -> Any:
     """``yaml.safe_load`` that refuses alias bombs: a document whose alias-expanded size is above
     ``max_nodes`` nodes, or a recursive alias, is a one-line :class:`ConfigError`; so is invalid YAML."""

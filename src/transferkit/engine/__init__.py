@@ -25,6 +25,7 @@ from .objectives import (
 
 __all__ = [
     "TrainConfig",
+    "TrainingDiverged",
     "TrainResult",
     "train",
     "evaluate",

@@ -307,16 +307,10 @@ def load_config(path_or_dict: str | os.PathLike | Mapping | PipelineConfig) -> P
         return path_or_dict
     source, base_dir = None, None
     if isinstance(path_or_dict, (str, os.PathLike)):
-        from ..io import load_yaml
+        from ..io import read_yaml_file
 
         path = Path(path_or_dict).expanduser()
-        if not path.is_file():
-            raise ConfigError(f"pipeline file not found: {path}")
-        try:
-            text = path.read_text()
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"cannot read {path}: {' '.join(str(e).split())[:200]}") from None
-        raw = load_yaml(text, str(path))  # invalid YAML and alias bombs: one-line errors
+        raw = read_yaml_file(path, "pipeline file")  # missing file, invalid YAML, alias bombs: one-line errors
         source, base_dir = str(path), path.parent
     else:
         raw = path_or_dict
