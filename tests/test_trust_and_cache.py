@@ -137,6 +137,19 @@ def test_features_command_takes_the_flag(custom_dir, sentiment_csv, tmp_path, mo
     assert json.loads(res.stdout)["dim"] == 32 and marker.exists()
 
 
+@pytest.mark.parametrize("command", ["rank", "tune"])
+def test_rank_and_tune_take_the_flag(command, custom_dir, sentiment_csv, tmp_path, monkeypatch):
+    d, marker = custom_dir
+    monkeypatch.setenv("TRANSFERKIT_CACHE", str(tmp_path / "cache"))
+    args = (["rank", "--data", sentiment_csv, "--models", d, "--metrics", "logme"] if command == "rank" else
+            ["tune", "--data", sentiment_csv, "--model", d, "--method", "linear", "--epochs", "1",
+             "--out", tmp_path / "t"])
+    _bad(args, "trust_remote_code")
+    assert not marker.exists()
+    _ok([*args, "--trust-remote-code", "--json"])
+    assert set(marker.read_text().splitlines()) == {"configuration", "modeling"}
+
+
 # ----------------------------------------------------------------------------- cached assets
 
 
@@ -286,3 +299,49 @@ def test_cache_path_that_is_a_file_is_a_one_line_error(tmp_path, monkeypatch, se
         assets.cache_dir()
     _bad(["features", "--data", sentiment_csv, "--model", tiny_bert_dir, "--limit", 8], "not a directory")
     _bad(["fetch", "digits-usps"], "not a directory")
+
+
+# ----------------------------------------------------------------------------- derived files
+
+
+def test_derived_files_are_sealed_and_rebuilt_when_changed(tmp_path):
+    f = tmp_path / "parsed.npz"
+    f.write_bytes(b"0123456789" * 100)
+    assert not assets.derived_intact(f)  # never sealed (killed before its seal, or an older cache)
+    assets.seal_derived(f)
+    assert assets.derived_intact(f)
+    _flip(f, keep_mtime=True)  # same size and mtime: trusted by a stat, no read
+    assert assets.derived_intact(f)
+    _flip(f, keep_mtime=True)  # flipped back
+    _flip(f)  # a later edit: re-hashed, refused
+    assert not assets.derived_intact(f)
+    d = tmp_path / "bert"
+    d.mkdir()
+    (d / "config.json").write_text("{}")
+    (d / "model.safetensors").write_bytes(b"x" * 64)
+    assets.seal_derived(d)
+    assert assets.derived_intact(d)
+    (d / "extra.bin").write_bytes(b"y")  # a file added
+    assert not assets.derived_intact(d)
+    (d / "extra.bin").unlink()
+    (d / "model.safetensors").unlink()  # a file missing
+    assert not assets.derived_intact(d)
+
+
+def test_a_changed_parsed_dataset_is_rebuilt_from_the_verified_asset(tmp_path, monkeypatch):
+    from transferkit.data import load_dataset
+    from transferkit.data import builtin
+
+    monkeypatch.setenv("TRANSFERKIT_CACHE", str(tmp_path / "cache"))
+    ds = load_dataset("sklearn-digits")  # bundled with scikit-learn: no download
+    cached = builtin._cache_file("sklearn-digits", "npz")
+    assert assets.derived_intact(cached)
+    with np.load(cached) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["X"] = arrays["X"].copy()
+    arrays["X"][0] = 255 - arrays["X"][0]  # silently different images
+    with open(cached, "wb") as fh:
+        np.savez(fh, **arrays)
+    again = load_dataset("sklearn-digits")
+    np.testing.assert_array_equal(again.X, ds.X)
+    assert assets.derived_intact(cached)

@@ -19,6 +19,9 @@ one-line AssetError naming the file, never silently different weights. A cache f
 these records existed is hashed in full once, on first use. ``transferkit fetch --verify`` re-hashes
 every named file regardless of size and mtime (:func:`verify`). :func:`files_digest` is the
 sha256 over an asset's verified file hashes: the features cache keys catalogue models by it.
+Files *derived* from assets (an ONNX → safetensors conversion, a reassembled zip, a parsed dataset) are
+sealed when written (:func:`seal_derived`) and checked the same way on use (:func:`derived_intact`); a
+derived file that changed is rebuilt from the verified asset.
 """
 
 from __future__ import annotations
@@ -220,6 +223,45 @@ def asset_file(name: str, key: str) -> Path:
 def derived_dir(name: str) -> Path:
     """A cache directory for files derived from asset ``name`` (conversions, unpacked archives)."""
     return cache_dir() / "derived" / name
+
+
+def _seal_file(path: Path) -> Path:
+    return path.parent / f".{path.name}.transferkit-sealed.json"
+
+
+def _files_under(path: Path) -> list[Path]:
+    return [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+
+
+def seal_derived(path: Path) -> None:
+    """Record sha256, size and mtime of every file of the derived file or directory ``path`` (written last)."""
+    path = Path(path)
+    write_json(_seal_file(path), {str(f.relative_to(path.parent)): _stat_record(f, sha256_file(f))
+                                  for f in _files_under(path)})
+
+
+def derived_intact(path: Path) -> bool:
+    """Whether the derived file or directory ``path`` is exactly what :func:`seal_derived` recorded.
+
+    A ``stat`` per file when size and mtime still match; a changed file is re-hashed. False (rebuild it)
+    when ``path`` or its record is missing (a conversion killed before its seal, or a cache from before
+    seals existed) or any file differs, is missing or was added.
+    """
+    import json
+
+    path = Path(path)
+    try:
+        record = json.loads(_seal_file(path).read_text())
+        files = {str(f.relative_to(path.parent)): f for f in _files_under(path)} if path.exists() else {}
+    except (OSError, ValueError):
+        return False
+    if not files or set(files) != set(record):
+        return False
+    for key, f in files.items():
+        rec, st = record[key], f.stat()
+        if (rec.get("size"), rec.get("mtime_ns")) != (st.st_size, st.st_mtime_ns) and sha256_file(f) != rec.get("sha256"):
+            return False
+    return True
 
 
 def _tmp_root() -> Path:

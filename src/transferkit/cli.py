@@ -14,7 +14,7 @@ from typing import Optional
 
 import typer
 
-from .clitools import SEED_MAX, OneLineErrors, check_out, emit, guard, table
+from .clitools import SEED_MAX, OneLineErrors, check_out, emit, guard, table, trust_option
 from .errors import TransferkitError
 from .rank.command import rank
 from .merge.command import merge
@@ -34,8 +34,6 @@ app.command()(guard(tune))
 app.command()(guard(merge))
 
 
-_TRUST_HELP = ("Run the Python code shipped in Hugging Face model directories (config.json auto_map) for this "
-               "command only. Only for models you trust; a pipeline file cannot turn this on.")
 
 
 @zoo_app.command("list")
@@ -85,7 +83,7 @@ def features(
     batch_size: int = typer.Option(64, "--batch-size"),
     seed: int = typer.Option(0, min=0, max=SEED_MAX),
     out: Optional[Path] = typer.Option(None, help="Also write the features into this directory."),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=_TRUST_HELP),
+    trust_remote_code: bool = trust_option(),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Extract (and cache) the features of a dataset under one model.
@@ -119,7 +117,7 @@ def run(
     pipeline: Path = typer.Argument(..., help="PIPELINE.yaml (see docs/pipeline.md)."),
     out: Path = typer.Option(Path("runs/pipeline"), help="Run folder."),
     resume: bool = typer.Option(False, "--resume", help="Skip stages (and units) a killed run already finished."),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=_TRUST_HELP),
+    trust_remote_code: bool = trust_option(),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Run rank → ground truth → tune → merge → report from a YAML file.

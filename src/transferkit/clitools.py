@@ -203,3 +203,10 @@ def list_methods(stage: str, as_json: bool) -> None:
                 typer.echo(f"{'':{width + 2}s}{text}" + (f" — {o['help']}" if o.get("help") else ""))
 
     emit(catalog, as_json, render)
+
+
+def trust_option():
+    """The ``--trust-remote-code`` option: the only way to run code shipped in a model directory."""
+    return typer.Option(False, "--trust-remote-code",
+                        help="Run the Python code shipped in Hugging Face model directories (config.json auto_map) "
+                             "for this command only. Only for models you trust; a pipeline file cannot turn this on.")

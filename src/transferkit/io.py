@@ -138,6 +138,16 @@ def _under(child: Path, parent: Path) -> bool:
     return child == parent or parent in child.parents
 
 
+def _writable(folder: Path) -> bool:
+    """Whether a folder can be created in ``folder``: tried (and removed at once), because permission bits
+    say nothing for root and nothing about read-only or pseudo file systems."""
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".transferkit-probe-", dir=folder))
+        return True
+    except OSError:
+        return False
+
+
 def check_out(out: str | os.PathLike, *, names: Iterable[str] = (), replaces: bool = False,
               inputs: Iterable[Any] = (), what: str = "--out") -> Path:
     """Check an output folder before any work; every problem is a one-line :class:`ConfigError`.
@@ -149,7 +159,8 @@ def check_out(out: str | os.PathLike, *, names: Iterable[str] = (), replaces: bo
       write (:func:`is_ours`) or that holds anything but its artifacts (``names``: a file the user put there);
       any other command refuses a folder transferkit did not write that holds a file it would write.
 
-    Nothing is created or changed. Returns ``out`` (expanded).
+    Nothing is left behind (writability is tried with an empty folder, removed at once). Returns ``out``
+    (expanded).
     """
     out = Path(out).expanduser()
     names = list(names)
@@ -165,7 +176,7 @@ def check_out(out: str | os.PathLike, *, names: Iterable[str] = (), replaces: bo
         raise ConfigError(f"{what} {out}: {probe} is a broken symbolic link")
     need = [probe] if probe != out else [out] + ([out.parent] if replaces else [])
     for d in need:
-        if not os.access(d, os.W_OK | os.X_OK):
+        if not _writable(d):
             raise ConfigError(f"{what} {out}: the folder {d} is not writable")
     resolved = out.resolve()
     for inp in inputs:

@@ -138,7 +138,7 @@ def _bounded_repr():
 _REPR = _bounded_repr()
 
 
-def _short(value: Any) -> str:
+def short(value: Any) -> str:
     """A bounded ``repr`` for error messages: at most ``_MAX_SHOWN`` characters, and bounded work however large
     (or alias-shared) the value is."""
     try:
@@ -148,14 +148,13 @@ def _short(value: Any) -> str:
     return text if len(text) <= _MAX_SHOWN else text[:_MAX_SHOWN] + "…"
 
 
-short = _short  # the public name: every message that repeats a user value goes through it
 
 
 def get(stage: str, name: Any) -> Method:
     """The method ``name`` of ``stage``; an unknown name is a one-line ConfigError with a did-you-mean."""
     table = methods(stage)
     if not isinstance(name, str) or name not in table:
-        raise ConfigError(f"unknown {stage} method {_short(name)}{did_you_mean(name, table)}; "
+        raise ConfigError(f"unknown {stage} method {short(name)}{did_you_mean(name, table)}; "
                           f"available: {', '.join(table)}")
     return table[name]
 
@@ -204,7 +203,7 @@ def _coerce(tp: Any, value: Any, what: str) -> Any:
         if optional or tp is Any:
             return None
         raise ConfigError(f"{what} must not be null")
-    bad = ConfigError(f"{what} must be {_type_name(inner)}{' or null' if optional else ''}, got {_short(value)}")
+    bad = ConfigError(f"{what} must be {_type_name(inner)}{' or null' if optional else ''}, got {short(value)}")
     if inner is Any:
         return value
     if typing.get_origin(inner) in (typing.Union, types.UnionType):
@@ -229,7 +228,7 @@ def _coerce(tp: Any, value: Any, what: str) -> Any:
     if inner is float:
         if isinstance(value, (int, float, np.integer, np.floating)):
             if not math.isfinite(float(value)):
-                raise ConfigError(f"{what} must be a finite number, got {_short(value)}")
+                raise ConfigError(f"{what} must be a finite number, got {short(value)}")
             return float(value)
         raise bad
     if inner is str:
@@ -257,7 +256,7 @@ def _check_range(f: dataclasses.Field, value: Any, what: str) -> None:
         items = value if isinstance(value, list) else [value]
         for v in items:
             if v not in choices:
-                raise ConfigError(f"{what} must be one of {', '.join(map(str, choices))}, got {_short(v)}"
+                raise ConfigError(f"{what} must be one of {', '.join(map(str, choices))}, got {short(v)}"
                                   f"{did_you_mean(v, choices)}")
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         return
@@ -267,7 +266,7 @@ def _check_range(f: dataclasses.Field, value: Any, what: str) -> None:
     if too_low or too_high:
         lo = "" if low is None else f"{'>' if meta.get('low_open') else '>='} {low}"
         hi = "" if high is None else f"{'<' if meta.get('high_open') else '<='} {high}"
-        raise ConfigError(f"{what} must be {' and '.join(x for x in (lo, hi) if x)}, got {_short(value)}")
+        raise ConfigError(f"{what} must be {' and '.join(x for x in (lo, hi) if x)}, got {short(value)}")
 
 
 def parse_options(cls: type | None, values: Mapping[str, Any] | None, where: str) -> Any:
@@ -283,7 +282,7 @@ def parse_options(cls: type | None, values: Mapping[str, Any] | None, where: str
     for key in values:
         if key not in fields:
             known = ", ".join(fields) or "none"
-            raise ConfigError(f"unknown option {_short(key)} for {where}{did_you_mean(key, fields)} (known: {known})")
+            raise ConfigError(f"unknown option {short(key)} for {where}{did_you_mean(key, fields)} (known: {known})")
     hints = _hints(cls) if cls is not None else {}
     kwargs = {}
     for key, value in values.items():

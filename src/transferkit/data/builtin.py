@@ -88,6 +88,7 @@ def _save(ds: Dataset, asset: str) -> None:
                "is_test": None if ds.is_test is None else ds.is_test.tolist()}
         with atomic_path(_cache_file(asset, "json")) as tmp:
             tmp.write_text(json.dumps(doc, ensure_ascii=False), encoding="utf-8")
+        assets.seal_derived(_cache_file(asset, "json"))
         return
     arrays = {"X": ds.X, "y": ds.y, "header": np.array(json.dumps(header))}
     if ds.domains is not None:
@@ -97,18 +98,19 @@ def _save(ds: Dataset, asset: str) -> None:
     with atomic_path(_cache_file(asset, "npz")) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)  # uncompressed: loading 70k images takes ~0.1 s
+    assets.seal_derived(_cache_file(asset, "npz"))
 
 
 def _load_cached(asset: str) -> Dataset | None:
     npz, js = _cache_file(asset, "npz"), _cache_file(asset, "json")
     try:
-        if npz.is_file():
+        if assets.derived_intact(npz):
             with np.load(npz, allow_pickle=False) as z:
                 header = json.loads(str(z["header"]))
                 return Dataset(header["name"], header["modality"], z["X"], z["y"], header["classes"],
                                z["domains"] if "domains" in z else None, header["domain_names"],
                                z["is_test"] if "is_test" in z else None, header["meta"])
-        if js.is_file():
+        if assets.derived_intact(js):
             doc = json.loads(js.read_text(encoding="utf-8"))
             return Dataset(doc["name"], doc["modality"], doc["X"], np.asarray(doc["y"], dtype=np.int64),
                            doc["classes"],
@@ -205,7 +207,7 @@ def _sklearn_digits() -> Dataset:
 def _vader_dir() -> Path:
     """The unpacked ground-truth folder (derived cache), unpacking the nested archive once."""
     target = assets.derived_dir("vader") / "hutto_ICWSM_2014"
-    if (target / VADER_DOMAINS["tweets"]).is_file():
+    if assets.derived_intact(target):
         return target
     archive = _file("vader", "ground_truth_archive")
     with atomic_path(target) as tmp:
@@ -217,6 +219,7 @@ def _vader_dir() -> Path:
             p.rename(tmp / p.name)
         if inner.is_dir():
             inner.rmdir()
+    assets.seal_derived(target)
     return target
 
 

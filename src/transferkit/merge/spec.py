@@ -33,6 +33,7 @@ from typing import Any
 
 from .. import registry
 from ..errors import ConfigError
+from ..registry import short
 from .layers import check_value, number
 
 __all__ = ["MergeSpec", "ModelEntry", "build_spec", "get_method", "parse_options", "ALIASES", "KEY_ALIASES"]
@@ -98,9 +99,9 @@ def parse_options(name: str, values: Mapping[str, Any] | None, where: str | None
     for k, v in values.items():
         key = KEY_ALIASES.get(k, k)
         if key in canon:
-            raise ConfigError(f"{where or 'merge parameters'}: {k!r} and {key!r} are the same option; give one")
+            raise ConfigError(f"{where or 'merge parameters'}: {short(k)} and {short(key)} are the same option; give one")
         canon[key] = v
-    return m.parse(canon, where or f"merge method {m.name!r}")
+    return m.parse(canon, where or f"merge method {short(m.name)}")
 
 
 def build_spec(config: Mapping[str, Any] | None = None, *, method: str | None = None, base: str | None = None,
@@ -119,7 +120,7 @@ def build_spec(config: Mapping[str, Any] | None = None, *, method: str | None = 
         raise ConfigError("'slices' (layer-range assembly) is not supported; list whole models under 'models'")
     unknown = [k for k in data if k not in TOP_KEYS]
     if unknown:
-        raise ConfigError(f"unknown key {unknown[0]!r} in the merge config{registry.did_you_mean(unknown[0], TOP_KEYS)};"
+        raise ConfigError(f"unknown key {short(unknown[0])} in the merge config{registry.did_you_mean(unknown[0], TOP_KEYS)};"
                           f" known: {', '.join(TOP_KEYS)}")
     name = method or data.get("merge_method") or data.get("method")
     if not name:
@@ -149,7 +150,7 @@ def build_spec(config: Mapping[str, Any] | None = None, *, method: str | None = 
     parameters = dict(parameters)
     for item in params or []:
         if "=" not in item:
-            raise ConfigError(f"--param takes KEY=VALUE, got {item!r}")
+            raise ConfigError(f"--param takes KEY=VALUE, got {short(item)}")
         k, v = item.split("=", 1)
         parameters[k.strip()] = yaml.safe_load(v)
     shard_size = parameters.pop("shard_size", parameters.pop("out_shard_size", data.get("out_shard_size")))
@@ -158,7 +159,7 @@ def build_spec(config: Mapping[str, Any] | None = None, *, method: str | None = 
         vals = [e.pop(key) for e in entries if key in e]
         if vals:
             if len(vals) != len(entries) or any(v != vals[0] for v in vals):
-                raise ConfigError(f"per-model {key!r} must be the same for every model (differing values are not "
+                raise ConfigError(f"per-model {short(key)} must be the same for every model (differing values are not "
                                   f"supported); set it under 'parameters'")
             parameters.setdefault(key, vals[0])
     options = parse_options(m.name, parameters)
@@ -168,7 +169,7 @@ def build_spec(config: Mapping[str, Any] | None = None, *, method: str | None = 
         ev = [s.strip() for s in ev.split(",") if s.strip()]
     if ev is not None and ev is not False and ev is not True:
         if not isinstance(ev, list) or len(ev) != len(entries):
-            raise ConfigError(f"evaluate needs one dataset per model ({len(entries)}), got {ev!r}")
+            raise ConfigError(f"evaluate needs one dataset per model ({len(entries)}), got {short(ev)}")
         for e, d in zip(entries, ev):
             e["data"] = str(d)
     model_entries = [ModelEntry(**e) for e in entries]
@@ -187,7 +188,7 @@ def _method(name: str) -> registry.Method:
         return get_method(name)
     except ConfigError:
         known = list(registry.methods("merge")) + list(ALIASES)
-        raise ConfigError(f"unknown merge method {name!r}{registry.did_you_mean(name, known)}; known: "
+        raise ConfigError(f"unknown merge method {short(name)}{registry.did_you_mean(name, known)}; known: "
                           f"{', '.join(registry.methods('merge'))} (aliases: {', '.join(ALIASES)})") from None
 
 
@@ -195,17 +196,17 @@ def _model_entry(item: Any) -> dict[str, Any]:
     if isinstance(item, str):
         return {"model": item}
     if not isinstance(item, Mapping) or "model" not in item:
-        raise ConfigError(f"each entry of 'models' must be a path or a mapping with 'model', got {item!r}")
+        raise ConfigError(f"each entry of 'models' must be a path or a mapping with 'model', got {short(item)}")
     unknown = [k for k in item if k not in MODEL_KEYS]
     if unknown:
-        raise ConfigError(f"unknown key {unknown[0]!r} in a models entry; known: {', '.join(MODEL_KEYS)}")
+        raise ConfigError(f"unknown key {short(unknown[0])} in a models entry; known: {', '.join(MODEL_KEYS)}")
     entry = {k: v for k, v in item.items() if k != "parameters"}
     nested = item.get("parameters") or {}
     if not isinstance(nested, Mapping):
-        raise ConfigError(f"'parameters' of model {item['model']!r} must be a mapping")
+        raise ConfigError(f"'parameters' of model {short(item['model'])} must be a mapping")
     for k, v in nested.items():
         if k not in _PER_MODEL:
-            raise ConfigError(f"unknown per-model parameter {k!r} (model {item['model']!r}); known: "
+            raise ConfigError(f"unknown per-model parameter {short(k)} (model {short(item['model'])}); known: "
                               f"{', '.join(_PER_MODEL)}")
         entry[k] = v
     entry["model"] = str(entry["model"])

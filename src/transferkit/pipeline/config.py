@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..errors import ConfigError
-from ..registry import _short
+from ..registry import short
 from ..registry import did_you_mean as _did_you_mean
 from .stage import stages
 
@@ -92,17 +92,17 @@ class PipelineConfig:
 def check_keys(d: Mapping, allowed, where: str) -> None:
     for key in d:
         if key not in allowed:
-            raise ConfigError(f"unknown key {_short(key)} in {where}{_did_you_mean(key, allowed)} (known: {', '.join(allowed)})")
+            raise ConfigError(f"unknown key {short(key)} in {where}{_did_you_mean(key, allowed)} (known: {', '.join(allowed)})")
 
 
 def mapping(v: Any, where: str) -> dict:
     if v is None:
         return {}
     if not isinstance(v, Mapping):
-        raise ConfigError(f"{where} must be a mapping, got {type(v).__name__} {_short(v)}")
+        raise ConfigError(f"{where} must be a mapping, got {type(v).__name__} {short(v)}")
     for k in v:
         if not isinstance(k, str):
-            raise ConfigError(f"{where}: keys must be strings, got {_short(k)}")
+            raise ConfigError(f"{where}: keys must be strings, got {short(k)}")
     return dict(v)
 
 
@@ -110,7 +110,7 @@ def integer(v: Any, where: str, *, minimum: int = 1, optional: bool = True) -> i
     if v is None and optional:
         return None
     if isinstance(v, bool) or not isinstance(v, int):
-        raise ConfigError(f"{where} must be an integer ≥ {minimum}{' or null' if optional else ''}, got {_short(v)}")
+        raise ConfigError(f"{where} must be an integer ≥ {minimum}{' or null' if optional else ''}, got {short(v)}")
     if v < minimum:
         raise ConfigError(f"{where} must be ≥ {minimum}, got {v}")
     return int(v)
@@ -120,19 +120,19 @@ def number(v: Any, where: str, *, optional: bool = True) -> float | None:
     if v is None and optional:
         return None
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-        raise ConfigError(f"{where} must be a positive number{' or null' if optional else ''}, got {_short(v)}")
+        raise ConfigError(f"{where} must be a positive number{' or null' if optional else ''}, got {short(v)}")
     return float(v)
 
 
 def boolean(v: Any, where: str) -> bool:
     if not isinstance(v, bool):
-        raise ConfigError(f"{where} must be true or false, got {_short(v)}")
+        raise ConfigError(f"{where} must be true or false, got {short(v)}")
     return v
 
 
 def string(v: Any, where: str) -> str:
     if not isinstance(v, str) or not v.strip():
-        raise ConfigError(f"{where} must be a non-empty string, got {_short(v)}")
+        raise ConfigError(f"{where} must be a non-empty string, got {short(v)}")
     return v.strip()
 
 
@@ -140,7 +140,7 @@ def string_list(v: Any, where: str, *, allow_str: bool = True) -> list[str]:
     if isinstance(v, str) and allow_str:
         v = [s.strip() for s in v.split(",") if s.strip()]
     if not isinstance(v, (list, tuple)) or not v:
-        raise ConfigError(f"{where} must be a non-empty list, got {_short(v)}")
+        raise ConfigError(f"{where} must be a non-empty list, got {short(v)}")
     return [string(x, f"{where}[{i}]") for i, x in enumerate(v)]
 
 
@@ -169,7 +169,7 @@ def _check_target_data(spec: str, where: str) -> None:
     if is_builtin(spec) or os.path.exists(os.path.expanduser(spec)):
         return
     names = builtin_names()
-    raise ConfigError(f"{where}: unknown dataset {_short(spec)}{_did_you_mean(spec, names)} (built-in: {', '.join(names)}; "
+    raise ConfigError(f"{where}: unknown dataset {short(spec)}{_did_you_mean(spec, names)} (built-in: {', '.join(names)}; "
                       "or an existing CSV/JSONL/parquet/npz file or image folder)")
 
 
@@ -208,7 +208,7 @@ def _parse_targets(raw: Any, base_dir: Path | None) -> list[Target]:
         names.add(name)
         test_size = item.get("test_size", 0.3)
         if isinstance(test_size, bool) or not isinstance(test_size, (int, float)) or not 0 < test_size < 1:
-            raise ConfigError(f"{where}.test_size must be a fraction in (0, 1), got {_short(test_size)}")
+            raise ConfigError(f"{where}.test_size must be a fraction in (0, 1), got {short(test_size)}")
         targets.append(Target(data, name, integer(item.get("limit"), f"{where}.limit", minimum=2),
                               integer(item.get("per_class"), f"{where}.per_class"), float(test_size)))
     return targets
@@ -248,7 +248,7 @@ def _parse_model_options(raw: Any, models: list[str], base_dir: Path | None) -> 
     for spec, opts in mapping(raw, "model_options").items():
         model = _resolve_path(spec, base_dir)
         if model not in models:
-            raise ConfigError(f"model_options: {_short(spec)} is not one of the models{_did_you_mean(spec, models)}")
+            raise ConfigError(f"model_options: {short(spec)} is not one of the models{_did_you_mean(spec, models)}")
         opts = mapping(opts, f"model_options.{spec}")
         if "trust_remote_code" in opts:  # a pipeline file may come from anywhere: code runs only by a typed flag
             raise ConfigError(f"model_options.{spec}.trust_remote_code is not allowed in a pipeline file: a model's "
@@ -259,7 +259,7 @@ def _parse_model_options(raw: Any, models: list[str], base_dir: Path | None) -> 
             if known is None:
                 break  # not a catalogue model: its loader checks the options
             if k not in known:
-                raise ConfigError(f"unknown option {_short(k)} in model_options.{spec}{_did_you_mean(k, known)} "
+                raise ConfigError(f"unknown option {short(k)} in model_options.{spec}{_did_you_mean(k, known)} "
                                   f"(known: {', '.join(known)})")
             default = known[k]
             if isinstance(default, bool) or isinstance(v, bool):
@@ -270,7 +270,7 @@ def _parse_model_options(raw: Any, models: list[str], base_dir: Path | None) -> 
                 ok = isinstance(v, type(default))
             if not ok:
                 raise ConfigError(f"model_options.{spec}.{k} must be of the type of the catalogue default "
-                                  f"{default!r}, got {_short(v)}")
+                                  f"{default!r}, got {short(v)}")
         out[model] = opts
     return out
 

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from ..clitools import SEED_MAX, check_out, emit, list_methods, models_option, table
+from ..clitools import SEED_MAX, check_out, emit, list_methods, models_option, table, trust_option
 from ..errors import TransferkitError
 
 
@@ -32,6 +32,7 @@ def rank(
     seed: int = typer.Option(0, min=0, max=SEED_MAX),
     out: Optional[Path] = typer.Option(None, help="Write ranking.json and ranking.csv (and rank.json) into this directory."),
     show_list: bool = typer.Option(False, "--list", help="List the metrics and rankers with their options and exit."),
+    trust_remote_code: bool = trust_option(),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Rank candidate source models (or layers) for a target without fine-tuning them.
@@ -64,9 +65,12 @@ def rank(
         raise TransferkitError("--layers needs at least one layer name, or 'auto'")
     if out is not None:  # before any work: a bad --out is found now, not after the ranking
         check_out(out, names=RANK_FILES, inputs=(data, *names))
-    result = rank_models(data, names, metrics, limit=limit, per_class=per_class, seed=seed, out_dir=out,
-                         layers=layers, ensemble=ensemble, ground_truth=gt, test_size=test_size,
-                         gt_config={"epochs": epochs} if epochs is not None else None, gt_lrs=grid)
+    from ..zoo import remote_code
+
+    with remote_code(trust_remote_code):
+        result = rank_models(data, names, metrics, limit=limit, per_class=per_class, seed=seed, out_dir=out,
+                             layers=layers, ensemble=ensemble, ground_truth=gt, test_size=test_size,
+                             gt_config={"epochs": epochs} if epochs is not None else None, gt_lrs=grid)
     if out is not None:
         from ..io import mark
 

@@ -16,7 +16,7 @@ from typing import Optional
 
 import typer
 
-from ..clitools import SEED_MAX, check_out, emit, list_methods, read_config
+from ..clitools import SEED_MAX, check_out, emit, list_methods, read_config, trust_option
 from ..errors import TransferkitError
 from .registry import STAGE
 
@@ -44,6 +44,7 @@ def tune(
                                 "every 50 steps and at the end; `checkpoint_every` in --config changes it, null "
                                 "turns it off)."),
     show_list: bool = typer.Option(False, "--list", help="List the methods and their options and exit."),
+    trust_remote_code: bool = trust_option(),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Adapt a source model to a target; writes the Delta, metrics, training curve and split.json.
@@ -54,7 +55,7 @@ def tune(
         list_methods(STAGE, as_json)
         return
     from ..data.split import make_split
-    from ..zoo import load_model
+    from ..zoo import load_model, remote_code
     from .baselines import tune as run_tune
     from .registry import split_config
 
@@ -70,7 +71,9 @@ def tune(
     train_ds, test_ds, split = make_split(data, limit=limit, per_class=per_class, sample_seed=seed, seed=seed)
     if resume:
         _say_if_fresh(out)
-    res = run_tune(load_model(model), train_ds, test_ds, method=method, config=options, out_dir=out, resume=resume,
+    with remote_code(trust_remote_code):
+        source = load_model(model)
+    res = run_tune(source, train_ds, test_ds, method=method, config=options, out_dir=out, resume=resume,
                    split=split)
     from ..io import mark
 

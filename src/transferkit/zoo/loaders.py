@@ -412,7 +412,7 @@ def _load_onnx_bert(name: str, entry: dict[str, Any], options: dict[str, Any]) -
 
 def _load_split_zip_sentence(name: str, entry: dict[str, Any], options: dict[str, Any]) -> ZooModel:
     out = assets.derived_dir(name) / "model"
-    if not any(out.glob("**/config.json")):
+    if not assets.derived_intact(out):
         parts = [assets.asset_file(name, key) for key in options["parts"]]
         with atomic_path(out) as tmp:
             tmp.mkdir()
@@ -433,6 +433,7 @@ def _load_split_zip_sentence(name: str, entry: dict[str, Any], options: dict[str
             weights = sorted(tmp.glob("**/model.safetensors"))
             if not weights or (want and sha256_file(weights[0]) != want):
                 raise ModelError(f"cannot unpack {name}: model.safetensors missing or its sha256 differs")
+        assets.seal_derived(out)
     config = sorted(out.glob("**/config.json"), key=lambda p: len(p.parts))[0]
     return _sentence_dir(name, entry, options, config.parent)
 

@@ -83,7 +83,7 @@ def converted_dir(name: str, onnx_path: str | Path, config: dict[str, Any]) -> P
     from transformers import BertConfig, BertModel
 
     out = assets.derived_dir(name) / "bert"
-    if (out / "model.safetensors").is_file() and (out / "config.json").is_file():
+    if assets.derived_intact(out):
         return out
     cfg = BertConfig(**config)
     state = onnx_to_bert_state(onnx_path, cfg.num_hidden_layers)
@@ -104,4 +104,5 @@ def converted_dir(name: str, onnx_path: str | Path, config: dict[str, Any]) -> P
                   str(tmp / "model.safetensors"), metadata={"format": "pt"})
         write_json(tmp / "conversion.json", {"source": str(onnx_path), "source_sha256": sha256_file(onnx_path),
                                              "method": "onnx initializers, MatMul->Add bias mapping, transposed"})
+    assets.seal_derived(out)
     return out
