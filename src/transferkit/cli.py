@@ -19,6 +19,7 @@ from .errors import TransferkitError
 from .rank.command import rank
 from .merge.command import merge
 from .tune.command import tune
+from .auto.command import auto
 
 app = typer.Typer(
     cls=OneLineErrors,
@@ -31,6 +32,7 @@ zoo_app = typer.Typer(no_args_is_help=True, help="The catalogue of pretrained so
 app.add_typer(zoo_app, name="zoo")
 app.command()(guard(rank))
 app.command()(guard(tune))
+app.command()(guard(auto))
 app.command()(guard(merge))
 
 

@@ -9,7 +9,7 @@ See :mod:`transferkit.engine.loop` for determinism, resume and multi-process lau
 
 from .checkpoint import latest_checkpoint, list_checkpoints
 from .config import TrainConfig, TrainingDiverged, TrainResult
-from .loop import evaluate, is_main_process, lr_factor, train, world_size
+from .loop import evaluate, is_main_process, lr_factor, train, watch, world_size
 from .objectives import (
     CrossEntropy,
     GradientReversal,
@@ -28,6 +28,7 @@ __all__ = [
     "TrainingDiverged",
     "TrainResult",
     "train",
+    "watch",
     "evaluate",
     "lr_factor",
     "is_main_process",

@@ -49,6 +49,7 @@ Examples
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import math
 import os
@@ -69,7 +70,22 @@ from .config import DIVERGED, TrainConfig, TrainingDiverged, TrainResult
 from .data import _ArrayData, _as_dataset, _streams, _to_batch, _collate_for, _mix, _order, _rank_batches, _to_device, _loader
 from .objectives import CrossEntropy, forward
 
-__all__ = ["TrainConfig", "TrainResult", "TrainingDiverged", "train", "evaluate", "lr_factor"]
+__all__ = ["TrainConfig", "TrainResult", "TrainingDiverged", "train", "evaluate", "lr_factor", "watch"]
+
+_WATCHERS: contextvars.ContextVar[tuple[Callable[..., Any], ...]] = contextvars.ContextVar("watchers", default=())
+
+
+@contextlib.contextmanager
+def watch(fn: Callable[[int, int, float, dict[str, Any]], Any]) -> Iterator[None]:
+    """Call ``fn(step, total, value, record)`` after every validation evaluation of every :func:`train` run
+    inside the block (``value``: the selection metric, ``record``: that evaluation's history row, with
+    ``epoch``); a true return ends that run as early stopping does. For callers that drive training
+    through a library function they do not own (the ``auto`` search prunes arms with it)."""
+    token = _WATCHERS.set((*_WATCHERS.get(), fn))
+    try:
+        yield
+    finally:
+        _WATCHERS.reset(token)
 
 log = logging.getLogger("transferkit.engine")
 
@@ -730,6 +746,8 @@ def _train(model, streams, objective, frozen, config, val, collate_fn, out, resu
                 if rec:
                     rec = {"step": step, "epoch": round(step / steps_per_epoch, 4), "lr": lr, **rec}
                     history.append(rec)
+                    if do_eval and any([w(step, total, value, rec) for w in _WATCHERS.get()]):
+                        stopped = True
                     if pbar is not None:
                         postfix.update({x: f"{v:.4g}" for x, v in rec.items()
                                         if x in ("train_loss", f"val_{metric}")})

@@ -48,6 +48,7 @@ from .etran import etran_components, etran_rank
 from .ncti import ncti_components, ncti_rank
 from .ensemble import ensemble_accuracy, select_ensemble
 from .auto import aggregate_ranks, auto_rank
+from .learned import learned_fit, learned_rank, learned_scores
 
 __all__ = [
     "METRICS",
@@ -81,6 +82,9 @@ __all__ = [
     "ensemble_accuracy",
     "auto_rank",
     "aggregate_ranks",
+    "learned_scores",
+    "learned_fit",
+    "learned_rank",
 ]
 
 

@@ -1,0 +1,186 @@
+"""auto vs the oracle and the baselines, on real targets, side by side on the same arms.
+
+    OMP_NUM_THREADS=1 python benchmarks/auto.py --zoo image --seeds 0,1,2
+    OMP_NUM_THREADS=1 python benchmarks/auto.py --zoo text --seeds 0,1,2
+
+Per target and seed, on one recorded split (``--per-class`` items per class, half held out):
+
+* **oracle** — every arm (model × method × lr) trained for all ``--epochs``; its best *test* accuracy and
+  its compute (training epochs, seconds);
+* **auto** — ``transferkit.auto.search`` with the LogME prior and a budget of ``--budget-share`` (10 %) of the
+  oracle's epochs;
+* **no prior** — the same successive halving with the arms in a seeded random order (``prior="none"``);
+* **random search** — arms in a seeded random order, each trained to the end, until the same budget; the
+  best validation accuracy wins. Training is deterministic, so these arms are exactly the oracle's arms and
+  their accuracies are read from the oracle's table (no retraining);
+* **pipeline** — today's pipeline: LogME's top-1 model + LoRA at its default lr (the oracle's arm);
+* **largest + full** — the candidate with the most parameters, fully fine-tuned at the default lr.
+
+Every accuracy is on the held-out half (≥ 500 items where the data has them) with its binomial standard
+error; ratios are to the oracle's best; means over seeds with 95 % t-intervals. Writes
+``benchmarks/results/auto_<zoo>.{json,md}`` after every target and seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent
+ZOOS = {
+    "image": {"targets": ["opencv-digits", "sklearn-digits", "fashion-mnist"],
+              "models": ["digits-mnist", "digits-usps", "digits-svhn", "mobilenet-v2", "efficientnet-lite0"],
+              "options": {"mobilenet-v2": {"size": 64}, "efficientnet-lite0": {"size": 64}}},
+    "text": {"targets": ["vader:movies", "vader:amazon", "vader:tweets"],
+             "models": ["paraphrase-minilm-l3-v2", "all-minilm-l6-v2"],
+             "options": {"paraphrase-minilm-l3-v2": {"max_length": 64}, "all-minilm-l6-v2": {"max_length": 64}}},
+}
+
+
+def _se(p: float, n: int) -> float:
+    return math.sqrt(max(p * (1 - p), 0.0) / n)
+
+
+def _ci(xs: list[float]) -> tuple[float, float]:
+    from scipy import stats
+
+    xs = [x for x in xs if x is not None and math.isfinite(x)]
+    if len(xs) < 2:
+        return (float(np.mean(xs)) if xs else float("nan"), float("nan"))
+    return float(np.mean(xs)), float(stats.t.ppf(0.975, len(xs) - 1) * np.std(xs, ddof=1) / math.sqrt(len(xs)))
+
+
+def random_search(orc: dict, budget_epochs: float, seed: int) -> dict:
+    order = np.random.default_rng(10_000 + seed).permutation(len(orc["arms"]))
+    spent, taken = 0.0, []
+    for i in order:
+        arm = orc["arms"][i]
+        if spent + arm["epochs"] > budget_epochs:
+            break
+        spent += arm["epochs"]
+        taken.append(arm)
+    if not taken:
+        return {"name": None, "test_accuracy": None, "epochs": 0.0, "arms": 0}
+    best = max(taken, key=lambda a: a["val_accuracy"])
+    return {"name": best["name"], "test_accuracy": best["test_accuracy"], "epochs": spent, "arms": len(taken)}
+
+
+def one(target: str, zoo: dict, seed: int, args, say) -> dict:
+    from transferkit.auto import oracle, search
+    from transferkit.data.split import make_split
+    from transferkit.zoo import load_model
+
+    common = dict(methods=args.methods, epochs=args.epochs, per_class=args.per_class, test_size=0.5, seed=seed,
+                  model_options=zoo["options"])
+    _, test, _ = make_split(target, per_class=args.per_class, sample_seed=seed, seed=seed, test_size=0.5)
+    n = len(test)
+    t0 = time.perf_counter()
+    orc = oracle(target, zoo["models"], progress=say, **common)
+    say(f"oracle: {orc['best']['name']} {orc['best']['test_accuracy']:.4f} in {time.perf_counter() - t0:.0f} s")
+    budget = args.budget_share * orc["epochs"]
+    rows = {}
+    for label, prior in (("auto", args.prior), ("no prior", "none")):
+        res = search(target, zoo["models"], budget=f"{budget}ep", prior=prior, eta=args.eta, progress=say, **common)
+        w = res["winner"]
+        rows[label] = {"name": w["name"], "test_accuracy": w["test_accuracy"],
+                       "epochs": sum(a["epochs"] for a in res["arms"]),
+                       "seconds": sum(a["seconds"] for a in res["arms"]),
+                       "arms_started": sum(a["state"] != "waiting" for a in res["arms"]),
+                       "prior_order": res["prior"]["order"]}
+    rows["random search"] = random_search(orc, budget, seed)
+    by = {(a["model"], a["method"], a["lr"]): a for a in orc["arms"]}
+    top1 = rows["auto"]["prior_order"][0]
+    default = lambda m, method: next(a for a in orc["arms"] if a["model"] == m and a["method"] == method)  # noqa: E731
+    if "lora" in args.methods:
+        a = default(top1, "lora")
+        rows["pipeline (LogME top-1 + LoRA)"] = {"name": a["name"], "test_accuracy": a["test_accuracy"],
+                                                 "epochs": a["epochs"]}
+    if "full" in args.methods:
+        largest = max(zoo["models"], key=lambda m: load_model(m, **zoo["options"].get(m, {})).n_params())
+        a = default(largest, "full")
+        rows["largest + full"] = {"name": a["name"], "test_accuracy": a["test_accuracy"], "epochs": a["epochs"]}
+    best = orc["best"]["test_accuracy"]
+    for r in rows.values():
+        acc = r.get("test_accuracy")
+        r["ratio"] = acc / best if acc is not None else None
+        r["compute"] = r["epochs"] / orc["epochs"]
+        r["se"] = _se(acc, n) if acc is not None else None
+    del by
+    return {"target": target, "seed": seed, "n_test": n, "budget_epochs": budget,
+            "oracle": {"best": orc["best"], "epochs": orc["epochs"], "seconds": orc["seconds"],
+                       "n_arms": len(orc["arms"]), "arms": orc["arms"]},
+            "rows": rows}
+
+
+def write(results: list[dict], args, stem: str, seconds: float) -> str:
+    from transferkit.runtime import environment
+
+    out = ROOT / "results"
+    out.mkdir(exist_ok=True)
+    labels = list(dict.fromkeys(k for r in results for k in r["rows"]))
+    lines = [f"# auto vs oracle and baselines ({args.zoo} zoo)", "",
+             f"Command: `{' '.join(['OMP_NUM_THREADS=1', 'python', *sys.argv])}` — {seconds:.0f} s in all.", "",
+             "Accuracy on the held-out half ÷ the oracle's best test accuracy over all its arms; compute = training "
+             "epochs ÷ the oracle's (every arm to the end). Per target: mean over seeds ± 95 % t-interval.", ""]
+    header = "| target | seeds | n test | oracle best (± SE) | " + " | ".join(f"{l}: acc ratio / compute" for l in labels) + " |"
+    lines += [header, "|" + "---|" * (4 + len(labels))]
+    for target in dict.fromkeys(r["target"] for r in results):
+        rs = [r for r in results if r["target"] == target]
+        best = [r["oracle"]["best"]["test_accuracy"] for r in rs]
+        cells = []
+        for l in labels:
+            m, h = _ci([r["rows"][l]["ratio"] for r in rs if l in r["rows"]])
+            c, _ = _ci([r["rows"][l]["compute"] for r in rs if l in r["rows"]])
+            cells.append(f"{m:.3f} ± {h:.3f} / {100 * c:.1f} %")
+        se = np.mean([r["oracle"]["best"]["test_se"] for r in rs])
+        lines.append(f"| {target} | {len(rs)} | {rs[0]['n_test']} | {np.mean(best):.4f} (± {se:.4f}) | "
+                     + " | ".join(cells) + " |")
+    lines += ["", "Per run (winner, test accuracy ± SE):", ""]
+    for r in results:
+        lines.append(f"- {r['target']} seed {r['seed']}: oracle {r['oracle']['best']['name']} "
+                     f"{r['oracle']['best']['test_accuracy']:.4f}; " + "; ".join(
+                         f"{l}: {v['name']} {v['test_accuracy']:.4f} ± {v['se']:.4f}" for l, v in r["rows"].items()
+                         if v.get("test_accuracy") is not None))
+    md = "\n".join(lines) + "\n"
+    (out / f"{stem}.md").write_text(md)
+    (out / f"{stem}.json").write_text(json.dumps({"command": " ".join(sys.argv), "args": vars(args),
+                                                  "seconds": seconds, "machine": environment(),
+                                                  "results": results}, indent=1, default=str))
+    return md
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--zoo", choices=sorted(ZOOS), default="image")
+    ap.add_argument("--targets", default=None, help="comma-separated (default: the zoo's three)")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--methods", default="linear,bitfit,lora,full")
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--eta", type=int, default=3)
+    ap.add_argument("--per-class", type=int, default=100)
+    ap.add_argument("--budget-share", type=float, default=0.1)
+    ap.add_argument("--prior", default="logme")
+    ap.add_argument("--stem", default=None)
+    args = ap.parse_args()
+    args.methods = [m for m in args.methods.split(",") if m]
+    zoo = ZOOS[args.zoo]
+    targets = args.targets.split(",") if args.targets else zoo["targets"]
+    stem = args.stem or f"auto_{args.zoo}"
+    say = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    t0 = time.perf_counter()
+    results = []
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        for target in targets:
+            results.append(one(target, zoo, seed, args, say))
+            md = write(results, args, stem, time.perf_counter() - t0)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

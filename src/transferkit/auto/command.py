@@ -1,0 +1,106 @@
+"""``transferkit auto``: the command-line face of :mod:`transferkit.auto`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..clitools import SEED_MAX, check_out, emit, models_option, table, trust_option
+from ..errors import TransferkitError
+from .search import DEFAULT_METHODS
+
+AUTO_FILES = ("auto.json", "trace.png", "split.json", "study.db", "arms", "oracle.json")
+
+
+def auto(
+    data: Optional[str] = typer.Option(None, "--data", help="Target dataset name or path (required)."),
+    models: Optional[str] = typer.Option(None, "--models", help="Comma-separated candidate models (required)."),
+    methods: str = typer.Option(",".join(DEFAULT_METHODS), help="Comma-separated tune methods to search."),
+    budget: str = typer.Option("10m", help="Wall-clock (90s, 10m, 1h30m; the ranking included) or training "
+                               "epochs summed over the arms (40ep: the same search on any machine)."),
+    epochs: int = typer.Option(9, help="Epochs an arm trains if it is never pruned."),
+    eta: int = typer.Option(3, help="Successive-halving factor: rungs at 1, eta, eta², … epochs; the top 1/eta "
+                            "of the arms at a rung continue."),
+    lr_factors: str = typer.Option("1,0.3333333333,3", "--lr-factors", help="Each method's lr grid: its default "
+                                   "lr times these factors."),
+    prior: str = typer.Option("logme", help="Transferability metric whose ranking orders the arms."),
+    limit: Optional[int] = typer.Option(None, help="At most this many target samples (stratified)."),
+    per_class: Optional[int] = typer.Option(None, "--per-class"),
+    test_size: float = typer.Option(0.3, "--test-size", help="Held-out fraction, scored once for the winner."),
+    seed: int = typer.Option(0, min=0, max=SEED_MAX),
+    out: Path = typer.Option(Path("runs/auto"), help="Run folder (study.db, split.json, the winner's arm)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue a killed search from its study."),
+    storage: Optional[str] = typer.Option(None, "--storage", help="Optuna database URL shared by several workers "
+                                          "(default: OUT/study.db)."),
+    join: bool = typer.Option(False, "--join", help="Join the search another worker started on --storage."),
+    with_oracle: bool = typer.Option(False, "--oracle", help="Also train every arm to the end and say how close "
+                                     "the winner came to the best test accuracy, at what share of the compute."),
+    trust_remote_code: bool = trust_option(),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Which model and which method for this target, within a budget — and how sure that is.
+
+    Example: transferkit auto --data opencv-digits --per-class 60 --models digits-mnist,digits-usps,mobilenet-v2 --budget 5m --out runs/auto
+
+    Example: transferkit auto --data vader:movies --models all-minilm-l6-v2,paraphrase-minilm-l3-v2 --methods lora,linear --budget 30ep --oracle --json
+    """
+    from ..zoo import remote_code
+    from .oracle import oracle
+    from .search import search
+
+    if not data or not models:
+        raise TransferkitError("auto needs --data and --models")
+    if not 0 < test_size < 1:
+        raise TransferkitError(f"--test-size must be strictly between 0 and 1, got {test_size}")
+    names = models_option(models)
+    check_out(out, names=AUTO_FILES, inputs=(data, *names))  # before any work
+    say = (lambda line: typer.echo(line, err=True))
+    common = dict(methods=methods, epochs=epochs, lr_factors=lr_factors, limit=limit, per_class=per_class,
+                  test_size=test_size, seed=seed)
+    with remote_code(trust_remote_code):
+        res = search(data, names, budget=budget, eta=eta, prior=prior, out=out, resume=resume, storage=storage,
+                     join=join, progress=say, **common)
+        if with_oracle and res.get("winner"):
+            res["oracle"] = compare(res, oracle(data, names, progress=say, **common))
+            from ..io import write_json
+
+            write_json(out / "oracle.json", res["oracle"])
+    from ..io import mark
+
+    mark(out, "auto")
+    emit(res, as_json, render_auto)
+
+
+def compare(res: dict, orc: dict) -> dict:
+    """The search's winner against the oracle: accuracy ÷ the best arm's, compute ÷ all arms' compute (training
+    epochs, and seconds — the search's seconds include its first feature extractions, the oracle's hit the
+    cache)."""
+    win, best = res["winner"], orc["best"]
+    epochs = sum(a["epochs"] for a in res["arms"])
+    seconds = sum(a["seconds"] for a in res["arms"])
+    acc = win["test_accuracy"] / best["test_accuracy"] if best["test_accuracy"] else float("nan")
+    return {**orc, "accuracy_ratio": acc, "compute_ratio_epochs": epochs / orc["epochs"],
+            "compute_ratio_seconds": seconds / orc["seconds"] if orc["seconds"] else None,
+            "headline": f"auto chose {win['name']}: {100 * acc:.1f} % of the best of all {len(orc['arms'])} arms "
+                        f"({best['name']}, test {best['test_accuracy']:.4f}), at {100 * epochs / orc['epochs']:.1f} % "
+                        f"of their training epochs"}
+
+
+def render_auto(res: dict) -> None:
+    rows = [[a["name"], a["state"], f"{a['epochs']:g}", "" if a["val_accuracy"] is None else a["val_accuracy"],
+             a["seconds"]] for a in res["arms"]]
+    table("auto: arms in start order", ["arm", "state", "epochs", "val accuracy", "seconds"], rows)
+    w = res.get("winner")
+    if w:
+        typer.echo(f"winner: {w['name']} — validation {w['val_accuracy']:.4f}, test {w['test_accuracy']:.4f} "
+                   f"± {w['test_se']:.4f} (n = {w['n_test']}); budget {res['budget']['spent']:g} of "
+                   f"{res['budget']['given']:g} {'epochs' if res['budget']['kind'] == 'epochs' else 's'}")
+    if res.get("oracle"):
+        typer.echo(res["oracle"]["headline"])
+    if res.get("note"):
+        typer.echo(res["note"])
+
+
+__all__ = ["auto"]

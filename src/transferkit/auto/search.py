@@ -1,0 +1,479 @@
+"""The ``auto`` search: which source model and which tuning method for a target, within a budget.
+
+What it does, in order:
+
+1. **Split once.** The target is split by :func:`~transferkit.data.split.make_split` (recorded in
+   ``split.json``); the held-out part is scored once, at the end, for the winner only. Inside the training
+   part every arm uses the same validation fifth (``val_fraction`` 0.2, seeded), and every decision of the
+   search — pruning, the winner — is made on it.
+2. **Rank** every candidate with a transferability metric on the training part (``prior``, default LogME;
+   features come from the shared cache). This is the prior. ``prior="learned"`` combines the metrics with
+   the weights :mod:`transferkit.rank.learned` learned on the project's measured zoos (leave-one-target-out:
+   τ_w 0.30, below the best single metric — ``benchmarks/results/rank_learned.md``); ``prior="none"`` is
+   the ablation without one:
+   the arms start in a seeded random order.
+3. **Arms** = model × method × learning rate (the method's default lr times ``lr_factors``, default
+   ×1, ×1/3, ×3; full fine-tuning of image models centres on 1e-3 instead of the text default 5e-5,
+   ``BASE_LR``). They start in the prior's order: an arm's position is the sum of its model's rank, its
+   method's position in ``methods`` and its lr's position in ``lr_factors`` (ties: better model first), so
+   the best-ranked model with the first method and the default lr starts first, and a model ranked low is
+   reached only if the budget allows.
+4. **Successive halving** over epochs (Li et al., "Hyperband", JMLR 2018; asynchronous form: Li et al.,
+   "A System for Massively Parallel Hyperparameter Tuning" (ASHA), MLSys 2020) with Optuna's
+   :class:`~optuna.pruners.SuccessiveHalvingPruner`: every arm may train ``epochs`` epochs (default 9) and
+   reports its validation accuracy after each; at epochs 1, η, η², … (η = ``eta``, default 3) it continues
+   only if it is in the top 1/η of the arms that reached that rung so far. Because the prior orders the
+   arms, the strong arms set the bar early and weak ones stop after an epoch.
+5. **Budget**: wall-clock (the ranking included) or training epochs summed over the arms
+   (:mod:`.budget`). It is checked at every evaluation: an arm still training when the budget runs out
+   stops there ("budget"), and no new arm starts.
+6. **Winner**: the best validation accuracy among the arms that finished all their epochs (the arms stopped
+   by the budget compete only if none finished: most epochs, then accuracy). Its Delta (and PEFT folder) is
+   kept in ``arms/<arm>/``; its test accuracy is measured once on the recorded held-out split.
+
+Storage, resume and workers. The search is an Optuna study: an embedded SQLite database
+``OUT/study.db`` by default. Every arm is enqueued once, in prior order, as a trial; a worker takes the
+next waiting trial. ``resume=True`` continues a killed run: the arm that was training is re-run from its
+start (training is deterministic, so it reports the same values; its earlier pruning decisions are
+replayed from the study) and the remaining arms follow in the same order — with an epoch budget the
+winner is the uninterrupted run's winner. A study records a fingerprint of the split, the arms and every
+setting; resuming with another target, other settings or another version of this module is refused.
+Several processes (or machines) share one study through ``storage`` (a database URL): the first creates
+and enqueues it, the others pass ``join=True``; the budget is shared, decisions are asynchronous (ASHA),
+so with several workers the result depends on timing. The last worker to finish writes the result.
+
+Related systems: Quick-Tune (Arango et al., ICLR 2024) learns which model and hyperparameters to try from
+learning curves of other datasets; zero-shot AutoML (Öztürk et al., ICML 2022) picks a pipeline from
+meta-features. Here the prior is a transferability metric and the allocation is plain successive
+halving — no meta-learned curve model.
+
+Supported methods: those whose Delta applies to the base classifier (``SUPPORTED``); methods that add
+modules needing their own rebuild (adapters, prefixes, side networks) are refused with a one-line error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from .. import registry
+from ..errors import ConfigError, DataError
+from ..registry import short
+from .budget import Budget, parse_budget
+
+SEARCH_VERSION = 1  # bump when a change would make an old study's arms or decisions mean something else
+DEFAULT_METHODS = ("linear", "bitfit", "lora", "full")
+SUPPORTED = ("linear", "full", "lora", "bitfit", "ia3")
+LR_FACTORS = (1.0, 1 / 3, 3.0)
+# the centre of the lr grid where a method's default (set for text encoders) is wrong for a modality: full
+# fine-tuning of the ImageNet / digit CNNs chose 3e-4 … 1e-3 in the rank benchmark's grid
+# (benchmarks/results/rank_zoo_image60_lr4.md); 5e-5 barely moves them in a few epochs
+BASE_LR = {("full", "image"): 1e-3}
+VAL_FRACTION = 0.2
+STUDY = "transferkit-auto"
+
+
+@dataclass(frozen=True)
+class Arm:
+    index: int
+    model: str
+    method: str
+    lr: float
+    model_rank: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.model} + {self.method} @ lr {self.lr:.3g}"
+
+    @property
+    def slug(self) -> str:
+        return f"{self.index:03d}-{self.model}-{self.method}-{self.lr:.3g}".replace("/", "_").replace(" ", "_")
+
+
+def _methods(methods: Sequence[str] | str) -> list[str]:
+    names = [m.strip() for m in (methods.split(",") if isinstance(methods, str) else methods) if str(m).strip()]
+    if not names:
+        raise ConfigError("auto needs at least one method")
+    known = registry.methods("tune")
+    for m in names:
+        if m not in known:
+            raise ConfigError(f"unknown tune method {short(m)}{registry.did_you_mean(m, known)}")
+        if m not in SUPPORTED:
+            raise ConfigError(f"auto cannot search {m!r}: its Delta needs its own rebuild; supported: "
+                              f"{', '.join(SUPPORTED)}")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"methods repeat: {', '.join(names)}")
+    return names
+
+
+def _lr_factors(factors: Sequence[float] | str) -> list[float]:
+    try:
+        vals = [float(f) for f in (factors.split(",") if isinstance(factors, str) else factors)]
+    except (TypeError, ValueError):
+        raise ConfigError(f"lr factors must be numbers, got {short(factors)}") from None
+    if not vals or any(not (0 < v < 1e4) for v in vals) or len(set(vals)) != len(vals):
+        raise ConfigError(f"lr factors must be distinct numbers in (0, 1e4), got {short(factors)}")
+    return vals
+
+
+def make_arms(prior_order: Sequence[str], methods: Sequence[str], lr_factors: Sequence[float],
+              modality: dict[str, str]) -> list[Arm]:
+    """Every (model, method, lr) a model's modality allows, in start order (see the module docstring)."""
+    from ..tune.registry import train_defaults
+
+    cells = []
+    for r, model in enumerate(prior_order):
+        for j, method in enumerate(methods):
+            if modality[model] not in registry.get("tune", method).info.get("modality", ()):
+                continue
+            base = BASE_LR.get((method, modality[model]), float(train_defaults(method).get("lr", 1e-3)))
+            for k, f in enumerate(lr_factors):
+                cells.append((r + j + k, r, j, k, model, method, base * f))
+    cells.sort(key=lambda c: c[:4])
+    return [Arm(i, c[4], c[5], c[6], c[1]) for i, c in enumerate(cells)]
+
+
+def _fingerprint(**parts: Any) -> str:
+    return hashlib.sha256(json.dumps({"version": SEARCH_VERSION, **parts}, sort_keys=True, default=str)
+                          .encode()).hexdigest()
+
+
+def _open_study(storage: str, fingerprint: str, arms: list[Arm], eta: int, *, resume: bool, join: bool,
+                fresh_db: bool):
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=eta,
+                                                   min_early_stopping_rate=0)
+    names = [s.study_name for s in optuna.get_all_study_summaries(storage)] if not fresh_db else []
+    if STUDY in names:
+        study = optuna.load_study(study_name=STUDY, storage=storage, pruner=pruner)
+        if study.user_attrs.get("fingerprint") != fingerprint:
+            raise ConfigError(f"the study in {storage} was made for another target, other settings or another "
+                              "version of transferkit's auto search; use a new --out (or storage)")
+        if not (resume or join):
+            raise ConfigError(f"{storage} already holds this search; pass --resume to continue it, or use a new --out")
+        return study
+    if join:
+        raise ConfigError(f"no auto search to join in {storage}; start the first worker without --join")
+    if resume:
+        raise ConfigError(f"nothing to resume in {storage}; run without --resume")
+    study = optuna.create_study(study_name=STUDY, storage=storage, direction="maximize", pruner=pruner)
+    study.set_user_attr("fingerprint", fingerprint)
+    for arm in arms:
+        study.enqueue_trial({"arm": arm.index})
+    study.set_user_attr("enqueued", len(arms))
+    return study
+
+
+def _frozen(study, number: int):
+    return next(t for t in study.get_trials(deepcopy=False) if t.number == number)
+
+
+def _spent(study, budget: Budget) -> float:
+    key = "epochs" if budget.kind == "epochs" else "seconds"
+    used = sum(float(t.user_attrs.get(key, 0.0)) for t in study.get_trials(deepcopy=False))
+    return used + (float(study.user_attrs.get("rank_seconds", 0.0)) if budget.kind == "seconds" else 0.0)
+
+
+def search(data: Any, models: Sequence[str] | str, *, methods: Sequence[str] | str = DEFAULT_METHODS,
+           budget: str | float | Budget = "10m", epochs: int = 9, eta: int = 3,
+           lr_factors: Sequence[float] | str = LR_FACTORS, prior: str = "logme", limit: int | None = None,
+           per_class: int | None = None, test_size: float = 0.3, seed: int = 0,
+           model_options: dict[str, dict[str, Any]] | None = None, out: str | Path | None = None,
+           resume: bool = False, storage: str | None = None, join: bool = False,
+           progress: Callable[[str], None] | None = None, dataset: Any = None,
+           split: tuple | None = None) -> dict[str, Any]:
+    """Search model × method × lr for ``data`` within ``budget``; see the module docstring.
+
+    Returns a JSON-able dict: ``winner`` (arm, validation and test accuracy, epochs), ``arms`` (every arm:
+    state ``complete`` | ``pruned`` (at a rung) | ``budget`` | ``waiting``, the epochs it reached and its
+    validation curve), ``prior`` (metric scores and order), ``budget`` (given and spent), ``split``.
+    ``dataset``: the already loaded target (then ``data`` only labels it); ``split``: its recorded
+    ``(train, test, Split)`` (a pipeline's), used as is instead of splitting.
+    """
+    from ..data.split import make_split, write_split
+    from ..rank.runner import rank_models
+    from ..zoo import load_model
+
+    say = progress or (lambda line: None)
+    methods = _methods(methods)
+    factors = _lr_factors(lr_factors)
+    budget = parse_budget(budget)
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or not 1 <= epochs <= 1000:
+        raise ConfigError(f"epochs must be an integer in 1..1000, got {short(epochs)}")
+    if isinstance(eta, bool) or not isinstance(eta, int) or not 2 <= eta <= 10:
+        raise ConfigError(f"eta must be an integer in 2..10, got {short(eta)}")
+    if budget.kind == "epochs" and budget.amount < 1:
+        raise ConfigError(f"a budget of {budget} cannot train one arm for its first epoch; give at least 1ep")
+    names = [m.strip() for m in (models.split(",") if isinstance(models, str) else models) if str(m).strip()]
+    if not names or len(set(names)) != len(names):
+        raise ConfigError(f"auto needs distinct candidate models, got {short(models)}")
+    if join and (storage is None or out is None):
+        raise ConfigError("join needs the first worker's storage URL and the same --out folder")
+    opts = model_options or {}
+    out = Path(out) if out is not None else None
+    t_start = time.perf_counter()
+
+    train, test, split = split or make_split(data, limit=limit, per_class=per_class, sample_seed=seed, seed=seed,
+                                             test_size=test_size, dataset=dataset)
+    zms = {n: load_model(n, **opts.get(n, {})) for n in names}
+    scores: dict[str, Any] = {n: None for n in names}
+    if prior == "learned":  # the metrics it combines, then the learned weights (transferkit.rank.learned)
+        from ..rank.learned import learned_scores, needed_metrics
+
+        say(f"rank: {len(names)} candidates with the learned ranker on {len(train)} training items")
+        ranked = rank_models(train, list(zms.values()), needed_metrics(), seed=seed, progress=False)
+        scores = learned_scores({n: ranked["scores"].get(n, {}) for n in names})
+    elif prior != "none":
+        say(f"rank: {len(names)} candidates with {prior} on {len(train)} training items")
+        ranked = rank_models(train, list(zms.values()), [prior], seed=seed, progress=False)
+        scores = {n: ranked["scores"].get(n, {}).get(prior) for n in names}
+    if prior == "none":  # the ablation without a prior: models and arms in a seeded random order
+        order = [names[i] for i in np.random.default_rng(seed).permutation(len(names))]
+    else:
+        order = sorted(names, key=lambda n: (not _finite(scores[n]), -(scores[n] if _finite(scores[n]) else 0.0), n))
+    arms = make_arms(order, methods, factors, {n: zms[n].modality for n in names})
+    if prior == "none":
+        arms = [Arm(i, a.model, a.method, a.lr, a.model_rank)
+                for i, a in enumerate(arms[j] for j in np.random.default_rng(seed + 1).permutation(len(arms)))]
+    if not arms:
+        raise ConfigError(f"none of the methods {', '.join(methods)} supports the models' modality")
+    rank_seconds = time.perf_counter() - t_start
+
+    fp = _fingerprint(split=split.to_dict(), arms=[asdict(a) for a in arms], epochs=epochs, eta=eta,
+                      budget=asdict(budget), seed=seed, prior=prior, val_fraction=VAL_FRACTION, options=opts)
+    fresh_db = False
+    if storage is None:
+        if out is None:
+            storage, fresh_db = "sqlite:///:memory:", True
+        else:
+            db = out / "study.db"
+            fresh_db = not db.exists()
+            out.mkdir(parents=True, exist_ok=True)
+            storage = f"sqlite:///{db}"
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        if not join:
+            write_split(out, split)
+    study = _open_study(storage, fp, arms, eta, resume=resume, join=join, fresh_db=fresh_db)
+    if not join and "rank_seconds" not in study.user_attrs:
+        study.set_user_attr("rank_seconds", rank_seconds)
+    if budget.kind == "seconds" and _spent(study, budget) >= budget.amount:
+        raise ConfigError(f"a budget of {budget} is used up by the ranking alone ({rank_seconds:.0f} s); give more")
+
+    runner = _ArmRunner(study, arms, zms, train, budget, epochs, out, seed, say)
+    if resume:
+        import optuna
+
+        stale = sorted(t.number for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+                       if "arm" in t.params)
+        for number in stale:
+            runner.run(optuna.trial.Trial(study, _frozen(study, number)._trial_id))
+    while _spent(study, budget) < budget.amount:
+        trial = _next_trial(study)
+        if trial is None:
+            break
+        runner.run(trial)
+    if runner.trained == 0 and not _finished_any(study):
+        raise ConfigError(f"a budget of {budget} is too small to train one arm for one epoch; give more")
+    return _result(study, arms, zms, test, split, scores, order, prior, budget, out, storage, say,
+                   deltas=runner.deltas, seconds=time.perf_counter() - t_start)
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def _next_trial(study):
+    """The next waiting arm (atomic across workers), or None when every arm has been taken."""
+    import optuna
+
+    while study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)):
+        trial = study.ask()
+        if "arm" in _frozen(study, trial.number).system_attrs.get("fixed_params", {}):
+            return trial
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)  # another worker took the last one first
+    return None
+
+
+def _finished_any(study) -> bool:
+    return any("epochs" in t.user_attrs and t.user_attrs["epochs"] >= 1 for t in study.get_trials(deepcopy=False))
+
+
+class _ArmRunner:
+    """Trains one arm (an Optuna trial) through ``transferkit.tune`` with the pruning and budget watcher."""
+
+    def __init__(self, study, arms, zms, train, budget: Budget, epochs: int, out: Path | None, seed: int,
+                 say: Callable[[str], None]) -> None:
+        self.study, self.arms, self.zms, self.train = study, arms, zms, train
+        self.budget, self.epochs, self.out, self.seed, self.say = budget, epochs, out, seed, say
+        self.trained = 0
+        self.deltas: dict[int, Any] = {}  # without an out folder, the deltas that may win stay in memory
+
+    def run(self, trial) -> None:
+        import optuna
+
+        from ..engine import watch
+        from ..tune import tune
+
+        arm = self.arms[trial.suggest_categorical("arm", list(range(len(self.arms))))]
+        before = _frozen(self.study, trial.number)
+        decided = {k: v for k, v in before.user_attrs.items() if k.startswith("decision_")}
+        reported = set(before.intermediate_values)
+        spent0 = _spent(self.study, self.budget) - float(before.user_attrs.get(
+            "epochs" if self.budget.kind == "epochs" else "seconds", 0.0))
+        state = {"stop": None, "curve": [], "epochs": 0.0}
+        t0 = time.perf_counter()
+
+        def used(epoch: float) -> float:
+            return epoch if self.budget.kind == "epochs" else time.perf_counter() - t0
+
+        def watcher(step: int, total: int, value: float, rec: dict[str, Any]) -> bool:
+            epoch = float(rec["epoch"])
+            e = int(round(epoch))
+            state["curve"].append([epoch, float(value)])
+            state["epochs"] = epoch
+            trial.set_user_attr("epochs", epoch)
+            trial.set_user_attr("seconds", time.perf_counter() - t0)
+            trial.set_user_attr("curve", state["curve"])
+            key = f"decision_{e}"
+            if key in decided:
+                pruned = decided[key]
+            else:
+                if e not in reported:
+                    trial.report(float(value), e)
+                pruned = bool(trial.should_prune())
+                trial.set_user_attr(key, pruned)
+            if pruned:
+                state["stop"] = "pruned"
+                return True
+            if step < total and spent0 + used(epoch) >= self.budget.amount:
+                state["stop"] = "budget"
+                return True
+            return False
+
+        arm_dir = self.out / "arms" / arm.slug if self.out is not None else None
+        if arm_dir is not None and arm_dir.exists():
+            shutil.rmtree(arm_dir)  # a half-written arm of a killed run (ours): trained again from its start
+        config = {"lr": arm.lr, "epochs": self.epochs, "seed": self.seed}
+        self.say(f"arm {arm.index + 1}/{len(self.arms)}: {arm.name}")
+        with watch(watcher):
+            res = tune(self.zms[arm.model], self.train, None, method=arm.method, config=config, out_dir=arm_dir,
+                       val_fraction=VAL_FRACTION, progress=False)
+        self.trained += 1
+        trial.set_user_attr("seconds", time.perf_counter() - t0)
+        trial.set_user_attr("stopped", state["stop"] or "complete")
+        last = state["curve"][-1][1] if state["curve"] else float("nan")
+        if state["stop"] == "pruned":
+            if arm_dir is not None:
+                shutil.rmtree(arm_dir, ignore_errors=True)
+            self.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        else:
+            if arm_dir is None:
+                self.deltas[arm.index] = res.delta
+            if state["stop"] == "budget":
+                self.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            else:
+                self.study.tell(trial, last)
+        self.say(f"  {arm.name}: {state['stop'] or 'complete'} after {state['epochs']:g} epochs, "
+                 f"validation accuracy {last:.4f}")
+
+
+def _arm_rows(study, arms: list[Arm]) -> list[dict[str, Any]]:
+    by_arm: dict[int, Any] = {}
+    for t in study.get_trials(deepcopy=False):
+        if "arm" in t.params and t.state.name != "FAIL":
+            by_arm[int(t.params["arm"])] = t
+    rows = []
+    for arm in arms:
+        t = by_arm.get(arm.index)
+        curve = t.user_attrs.get("curve", []) if t is not None else []
+        stopped = t.user_attrs.get("stopped") if t is not None else None
+        state = stopped if t is not None and t.state.name in ("COMPLETE", "PRUNED") else (
+            "running" if t is not None and t.state.name == "RUNNING" else "waiting")
+        rows.append({"arm": arm.index, "name": arm.name, "model": arm.model, "method": arm.method, "lr": arm.lr,
+                     "model_rank": arm.model_rank, "state": state,
+                     "epochs": float(t.user_attrs.get("epochs", 0.0)) if t is not None else 0.0,
+                     "seconds": round(float(t.user_attrs.get("seconds", 0.0)), 3) if t is not None else 0.0,
+                     "val_accuracy": curve[-1][1] if curve else None, "curve": curve, "slug": arm.slug})
+    return rows
+
+
+def _result(study, arms, zms, test, split, scores, order, prior, budget: Budget, out: Path | None, storage: str,
+            say, *, deltas: dict[int, Any], seconds: float) -> dict[str, Any]:
+    from ..io import atomic_path, write_json
+
+    rows = _arm_rows(study, arms)
+    running = [r for r in rows if r["state"] == "running"]
+    done = [r for r in rows if r["state"] == "complete"] or [r for r in rows if r["state"] == "budget"]
+    result: dict[str, Any] = {
+        "data": split.data, "split": {"n_train": split.n - len(split.test_ids), "n_test": len(split.test_ids),
+                                      "test_sha256": split.to_dict().get("test_sha256")},
+        "prior": {"metric": prior, "scores": scores, "order": order},
+        "budget": {"kind": budget.kind, "given": budget.amount, "spent": round(_spent(study, budget), 3)},
+        "storage": storage, "arms": rows, "seconds": round(seconds, 3),
+    }
+    if running:  # another worker is still training: it writes the result when it finishes
+        result["winner"] = None
+        result["note"] = f"{len(running)} arm(s) still running in other workers; the last worker writes the result"
+        return result
+    if not done:
+        raise ConfigError(f"no arm trained long enough to choose one within {budget}; give a larger budget")
+    best = max(done, key=lambda r: (r["epochs"], r["val_accuracy"], -r["arm"]) if r["state"] == "budget"
+               else (r["val_accuracy"], -r["arm"]))
+    arm = arms[best["arm"]]
+    delta = _winner_delta(arm, out, deltas)
+    test_acc = evaluate_delta(zms[arm.model], delta, test)
+    result["winner"] = {**{k: best[k] for k in ("arm", "name", "model", "method", "lr", "epochs", "state",
+                                                 "val_accuracy")},
+                        "test_accuracy": test_acc, "n_test": len(test),
+                        "test_se": math.sqrt(max(test_acc * (1 - test_acc), 0.0) / max(len(test), 1)),
+                        "folder": str(out / "arms" / arm.slug) if out is not None else None}
+    say(f"auto chose {arm.name}: validation {best['val_accuracy']:.4f}, test {test_acc:.4f} "
+        f"(n = {len(test)}), {result['budget']['spent']:.1f} of {budget.amount:g} "
+        f"{'epochs' if budget.kind == 'epochs' else 's'}")
+    if out is not None:
+        for r in rows:  # keep the winner's folder only; every other arm folder is ours to remove
+            if r["arm"] != arm.index and (out / "arms" / r["slug"]).exists():
+                shutil.rmtree(out / "arms" / r["slug"], ignore_errors=True)
+        write_json(out / "auto.json", result)
+        from .figures import plot_trace
+
+        png = plot_trace(rows, best["arm"])
+        if png is not None:
+            with atomic_path(out / "trace.png") as tmp:
+                tmp.write_bytes(png)
+    return result
+
+
+def _winner_delta(arm: Arm, out: Path | None, deltas: dict[int, Any]):
+    from ..delta import Delta
+
+    if out is None:
+        if arm.index not in deltas:
+            raise DataError(f"the winning arm ({arm.name}) was trained by another worker; give every worker the "
+                            "same --out to collect the winner")
+        return deltas[arm.index]
+    path = out / "arms" / arm.slug / "delta"
+    if not path.exists():
+        raise DataError(f"the winning arm's Delta is missing ({path}); run the search again with a new --out")
+    return Delta.load(path)
+
+
+def evaluate_delta(zm, delta, test) -> float:
+    """Accuracy of ``zm`` tuned by ``delta`` (a tune Delta with a ``new.head``) on the Dataset ``test``."""
+    from ..engine import evaluate
+    from ..merge.tasks import _classifier, _head_classes
+    from ..tune._common import Pairs, make_collate
+
+    clf = _classifier(zm, delta, _head_classes(delta, zm.name))
+    return float(evaluate(clf, Pairs(test.X, test.y), collate_fn=make_collate(zm.preprocess))["accuracy"])
