@@ -74,18 +74,19 @@ def auto(
 
 
 def compare(res: dict, orc: dict) -> dict:
-    """The search's winner against the oracle: accuracy ÷ the best arm's, compute ÷ all arms' compute (training
-    epochs, and seconds — the search's seconds include its first feature extractions, the oracle's hit the
-    cache)."""
+    """The search's winner against the oracle: accuracy ÷ the best arm's, compute ÷ all arms' compute (epochs
+    of backbone training, and seconds — the search's seconds include its first feature extractions, the
+    oracle's hit the cache)."""
     win, best = res["winner"], orc["best"]
-    epochs = sum(a["epochs"] for a in res["arms"])
+    cost = sum(a["cost"] for a in res["arms"])
     seconds = sum(a["seconds"] for a in res["arms"])
     acc = win["test_accuracy"] / best["test_accuracy"] if best["test_accuracy"] else float("nan")
-    return {**orc, "accuracy_ratio": acc, "compute_ratio_epochs": epochs / orc["epochs"],
+    share = cost / orc["cost"] if orc["cost"] else float("nan")
+    return {**orc, "accuracy_ratio": acc, "compute_ratio_epochs": share,
             "compute_ratio_seconds": seconds / orc["seconds"] if orc["seconds"] else None,
             "headline": f"auto chose {win['name']}: {100 * acc:.1f} % of the best of all {len(orc['arms'])} arms "
-                        f"({best['name']}, test {best['test_accuracy']:.4f}), at {100 * epochs / orc['epochs']:.1f} % "
-                        f"of their training epochs"}
+                        f"({best['name']}, test {best['test_accuracy']:.4f}), at {100 * share:.1f} % of their "
+                        f"training epochs"}
 
 
 def render_auto(res: dict) -> None:

@@ -12,7 +12,7 @@ import math
 import time
 from typing import Any, Callable, Sequence
 
-from .search import DEFAULT_METHODS, LR_FACTORS, VAL_FRACTION, _lr_factors, _methods, make_arms
+from .search import DEFAULT_METHODS, LR_FACTORS, VAL_FRACTION, _lr_factors, _methods, arm_cost, arm_schedule, make_arms
 
 
 def oracle(data: Any, models: Sequence[str] | str, *, methods: Sequence[str] | str = DEFAULT_METHODS,
@@ -20,8 +20,9 @@ def oracle(data: Any, models: Sequence[str] | str, *, methods: Sequence[str] | s
            per_class: int | None = None, test_size: float = 0.3, seed: int = 0,
            model_options: dict[str, dict[str, Any]] | None = None, dataset: Any = None,
            progress: Callable[[str], None] | None = None, split: tuple | None = None) -> dict[str, Any]:
-    """Train every arm; returns ``arms`` (name, model, method, lr, val and test accuracy, seconds, epochs),
-    ``best`` (the arm with the best test accuracy), ``seconds`` and ``epochs`` (total training compute)."""
+    """Train every arm; returns ``arms`` (name, model, method, lr, val and test accuracy, seconds, epochs, cost),
+    ``best`` (the arm with the best test accuracy), ``seconds`` and ``cost`` (total training compute: seconds,
+    and epochs of backbone training as an epoch budget counts them)."""
     from ..data.split import make_split
     from ..tune import tune
     from ..zoo import load_model
@@ -36,17 +37,19 @@ def oracle(data: Any, models: Sequence[str] | str, *, methods: Sequence[str] | s
     rows = []
     for arm in arms:
         t0 = time.perf_counter()
-        res = tune(zms[arm.model], train, test, method=arm.method, config={"lr": arm.lr, "epochs": epochs,
-                                                                           "seed": seed},
-                   val_fraction=VAL_FRACTION, progress=False)
+        arm_epochs = arm_schedule(arm.method, epochs)
+        res = tune(zms[arm.model], train, test, method=arm.method,
+                   config={"lr": arm.lr, "epochs": arm_epochs, "seed": seed}, val_fraction=VAL_FRACTION,
+                   progress=False)
         history = [h for h in res.history if "val_accuracy" in h]
         acc = float(res.metrics["test_accuracy"])
         rows.append({"name": arm.name, "model": arm.model, "method": arm.method, "lr": arm.lr,
                      "val_accuracy": float(history[-1]["val_accuracy"]) if history else None,
-                     "test_accuracy": acc, "seconds": round(time.perf_counter() - t0, 3), "epochs": float(epochs)})
+                     "test_accuracy": acc, "seconds": round(time.perf_counter() - t0, 3),
+                     "epochs": float(arm_epochs), "cost": arm_cost(arm.method, arm_epochs)})
         say(f"oracle {len(rows)}/{len(arms)}: {arm.name}: test {acc:.4f}")
     best = max(rows, key=lambda r: r["test_accuracy"])
     n = len(test)
     return {"data": split.data, "n_test": n, "arms": rows,
             "best": {**best, "test_se": math.sqrt(best["test_accuracy"] * (1 - best["test_accuracy"]) / n)},
-            "seconds": round(sum(r["seconds"] for r in rows), 3), "epochs": float(sum(r["epochs"] for r in rows))}
+            "seconds": round(sum(r["seconds"] for r in rows), 3), "cost": float(sum(r["cost"] for r in rows))}

@@ -18,18 +18,22 @@ What it does, in order:
    method's position in ``methods`` and its lr's position in ``lr_factors`` (ties: better model first), so
    the best-ranked model with the first method and the default lr starts first, and a model ranked low is
    reached only if the budget allows.
-4. **Successive halving** over epochs (Li et al., "Hyperband", JMLR 2018; asynchronous form: Li et al.,
+4. **Successive halving** (Li et al., "Hyperband", JMLR 2018; asynchronous form: Li et al.,
    "A System for Massively Parallel Hyperparameter Tuning" (ASHA), MLSys 2020) with Optuna's
-   :class:`~optuna.pruners.SuccessiveHalvingPruner`: every arm may train ``epochs`` epochs (default 9) and
-   reports its validation accuracy after each; at epochs 1, η, η², … (η = ``eta``, default 3) it continues
-   only if it is in the top 1/η of the arms that reached that rung so far. Because the prior orders the
-   arms, the strong arms set the bar early and weak ones stop after an epoch.
-5. **Budget**: wall-clock (the ranking included) or training epochs summed over the arms
-   (:mod:`.budget`). It is checked at every evaluation: an arm still training when the budget runs out
-   stops there ("budget"), and no new arm starts.
-6. **Winner**: the best validation accuracy among the arms that finished all their epochs (the arms stopped
-   by the budget compete only if none finished: most epochs, then accuracy). Its Delta (and PEFT folder) is
-   kept in ``arms/<arm>/``; its test accuracy is measured once on the recorded held-out split.
+   :class:`~optuna.pruners.SuccessiveHalvingPruner`. The resource is the share of an arm's schedule in units
+   of ``epochs`` (default 9): a method that trains the backbone runs ``epochs`` epochs; the linear probe, a
+   head on cached features, runs its own schedule (30 epochs), so its resource after e of them is
+   e·``epochs``/30. At resource 1, η, η², … (η = ``eta``, default 3) an arm continues only if it is in the
+   top 1/η of the arms that reached that rung so far. Because the prior orders the arms, the strong arms
+   set the bar early and weak ones stop after their first rung.
+5. **Budget**: wall-clock (the ranking included) or epochs of backbone training summed over the arms
+   (:mod:`.budget`; a linear probe's head epochs on cached features cost nothing against an epoch budget,
+   its seconds count against a wall-clock one). It is checked at every evaluation: an arm still training
+   when the budget runs out stops there ("budget"), and no new arm starts.
+6. **Winner**: the best validation accuracy among the arms that kept their model — those that finished
+   and those the budget stopped (ties: more training, then the earlier arm); pruned arms are discarded. Its
+   Delta (and PEFT folder) is kept in ``arms/<arm>/``; its test accuracy is measured once on the recorded
+   held-out split.
 
 Storage, resume and workers. The search is an Optuna study: an embedded SQLite database
 ``OUT/study.db`` by default. Every arm is enqueued once, in prior order, as a trial; a worker takes the
@@ -78,6 +82,7 @@ LR_FACTORS = (1.0, 1 / 3, 3.0)
 # (benchmarks/results/rank_zoo_image60_lr4.md); 5e-5 barely moves them in a few epochs
 BASE_LR = {("full", "image"): 1e-3}
 VAL_FRACTION = 0.2
+HEAD_ONLY = ("linear",)  # trains a head on cached features: its own schedule, no cost against an epoch budget
 STUDY = "transferkit-auto"
 
 
@@ -179,7 +184,7 @@ def _frozen(study, number: int):
 
 
 def _spent(study, budget: Budget) -> float:
-    key = "epochs" if budget.kind == "epochs" else "seconds"
+    key = "cost" if budget.kind == "epochs" else "seconds"
     used = sum(float(t.user_attrs.get(key, 0.0)) for t in study.get_trials(deepcopy=False))
     return used + (float(study.user_attrs.get("rank_seconds", 0.0)) if budget.kind == "seconds" else 0.0)
 
@@ -232,7 +237,8 @@ def search(data: Any, models: Sequence[str] | str, *, methods: Sequence[str] | s
 
         say(f"rank: {len(names)} candidates with the learned ranker on {len(train)} training items")
         ranked = rank_models(train, list(zms.values()), needed_metrics(), seed=seed, progress=False)
-        scores = learned_scores({n: ranked["scores"].get(n, {}) for n in names})
+        # never trained on the target it ranks: its records (any protocol) are left out of the fit
+        scores = learned_scores({n: ranked["scores"].get(n, {}) for n in names}, exclude_targets=(split.data,))
     elif prior != "none":
         say(f"rank: {len(names)} candidates with {prior} on {len(train)} training items")
         ranked = rank_models(train, list(zms.values()), [prior], seed=seed, progress=False)
@@ -306,7 +312,7 @@ def _next_trial(study):
 
 
 def _finished_any(study) -> bool:
-    return any("epochs" in t.user_attrs and t.user_attrs["epochs"] >= 1 for t in study.get_trials(deepcopy=False))
+    return any(t.user_attrs.get("curve") for t in study.get_trials(deepcopy=False))
 
 
 class _ArmRunner:
@@ -330,33 +336,37 @@ class _ArmRunner:
         decided = {k: v for k, v in before.user_attrs.items() if k.startswith("decision_")}
         reported = set(before.intermediate_values)
         spent0 = _spent(self.study, self.budget) - float(before.user_attrs.get(
-            "epochs" if self.budget.kind == "epochs" else "seconds", 0.0))
-        state = {"stop": None, "curve": [], "epochs": 0.0}
+            "cost" if self.budget.kind == "epochs" else "seconds", 0.0))
+        arm_epochs = arm_schedule(arm.method, self.epochs)
+        state = {"stop": None, "curve": [], "epochs": 0.0, "rung": 0}
         t0 = time.perf_counter()
-
-        def used(epoch: float) -> float:
-            return epoch if self.budget.kind == "epochs" else time.perf_counter() - t0
 
         def watcher(step: int, total: int, value: float, rec: dict[str, Any]) -> bool:
             epoch = float(rec["epoch"])
-            e = int(round(epoch))
+            resource = epoch * self.epochs / arm_epochs
             state["curve"].append([epoch, float(value)])
             state["epochs"] = epoch
+            cost = arm_cost(arm.method, epoch)
             trial.set_user_attr("epochs", epoch)
+            trial.set_user_attr("cost", cost)
             trial.set_user_attr("seconds", time.perf_counter() - t0)
             trial.set_user_attr("curve", state["curve"])
-            key = f"decision_{e}"
-            if key in decided:
-                pruned = decided[key]
-            else:
-                if e not in reported:
-                    trial.report(float(value), e)
-                pruned = bool(trial.should_prune())
-                trial.set_user_attr(key, pruned)
-            if pruned:
-                state["stop"] = "pruned"
-                return True
-            if step < total and spent0 + used(epoch) >= self.budget.amount:
+            rung = int(math.floor(resource + 1e-9))
+            if rung > state["rung"] and step < total:  # a new whole unit of resource before the end: decide
+                state["rung"] = rung
+                key = f"decision_{rung}"
+                if key in decided:  # replayed from the study (a resumed run)
+                    pruned = decided[key]
+                else:
+                    if rung not in reported:
+                        trial.report(float(value), rung)
+                    pruned = bool(trial.should_prune())
+                    trial.set_user_attr(key, pruned)
+                if pruned:
+                    state["stop"] = "pruned"
+                    return True
+            used = cost if self.budget.kind == "epochs" else time.perf_counter() - t0
+            if step < total and spent0 + used >= self.budget.amount:
                 state["stop"] = "budget"
                 return True
             return False
@@ -364,7 +374,7 @@ class _ArmRunner:
         arm_dir = self.out / "arms" / arm.slug if self.out is not None else None
         if arm_dir is not None and arm_dir.exists():
             shutil.rmtree(arm_dir)  # a half-written arm of a killed run (ours): trained again from its start
-        config = {"lr": arm.lr, "epochs": self.epochs, "seed": self.seed}
+        config = {"lr": arm.lr, "epochs": arm_epochs, "seed": self.seed}
         self.say(f"arm {arm.index + 1}/{len(self.arms)}: {arm.name}")
         with watch(watcher):
             res = tune(self.zms[arm.model], self.train, None, method=arm.method, config=config, out_dir=arm_dir,
@@ -388,6 +398,18 @@ class _ArmRunner:
                  f"validation accuracy {last:.4f}")
 
 
+def arm_schedule(method: str, epochs: int) -> int:
+    """Epochs an arm of ``method`` trains if never stopped: ``epochs``, or the linear probe's own default."""
+    from ..tune.registry import train_defaults
+
+    return int(train_defaults(method)["epochs"]) if method in HEAD_ONLY else epochs
+
+
+def arm_cost(method: str, epochs_trained: float) -> float:
+    """What ``epochs_trained`` epochs of an arm cost against an epoch budget (head-only methods: nothing)."""
+    return 0.0 if method in HEAD_ONLY else float(epochs_trained)
+
+
 def _arm_rows(study, arms: list[Arm]) -> list[dict[str, Any]]:
     by_arm: dict[int, Any] = {}
     for t in study.get_trials(deepcopy=False):
@@ -403,6 +425,7 @@ def _arm_rows(study, arms: list[Arm]) -> list[dict[str, Any]]:
         rows.append({"arm": arm.index, "name": arm.name, "model": arm.model, "method": arm.method, "lr": arm.lr,
                      "model_rank": arm.model_rank, "state": state,
                      "epochs": float(t.user_attrs.get("epochs", 0.0)) if t is not None else 0.0,
+                     "cost": float(t.user_attrs.get("cost", 0.0)) if t is not None else 0.0,
                      "seconds": round(float(t.user_attrs.get("seconds", 0.0)), 3) if t is not None else 0.0,
                      "val_accuracy": curve[-1][1] if curve else None, "curve": curve, "slug": arm.slug})
     return rows
@@ -414,7 +437,7 @@ def _result(study, arms, zms, test, split, scores, order, prior, budget: Budget,
 
     rows = _arm_rows(study, arms)
     running = [r for r in rows if r["state"] == "running"]
-    done = [r for r in rows if r["state"] == "complete"] or [r for r in rows if r["state"] == "budget"]
+    done = [r for r in rows if r["state"] in ("complete", "budget") and r["val_accuracy"] is not None]
     result: dict[str, Any] = {
         "data": split.data, "split": {"n_train": split.n - len(split.test_ids), "n_test": len(split.test_ids),
                                       "test_sha256": split.to_dict().get("test_sha256")},
@@ -428,8 +451,7 @@ def _result(study, arms, zms, test, split, scores, order, prior, budget: Budget,
         return result
     if not done:
         raise ConfigError(f"no arm trained long enough to choose one within {budget}; give a larger budget")
-    best = max(done, key=lambda r: (r["epochs"], r["val_accuracy"], -r["arm"]) if r["state"] == "budget"
-               else (r["val_accuracy"], -r["arm"]))
+    best = max(done, key=lambda r: (r["val_accuracy"], r["state"] == "complete", r["epochs"], -r["arm"]))
     arm = arms[best["arm"]]
     delta = _winner_delta(arm, out, deltas)
     test_acc = evaluate_delta(zms[arm.model], delta, test)

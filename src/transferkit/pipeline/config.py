@@ -347,7 +347,8 @@ def default_pipeline(quick: bool = False) -> dict[str, Any]:
     LEEP, NCE and TransRate; ground truth = a short full fine-tune of every candidate on every
     target; the LogME top-2 per target tuned with ``lora`` (``full`` when LoRA is unavailable), the
     better validation accuracy picked; the per-target deltas of a base tuned on both targets merged
-    with TIES. ``quick`` (CI) also uses smaller ImageNet inputs and fewer epochs.
+    with TIES; ``auto`` searches model × method × lr on a small grid within an epoch budget, and its
+    oracle (every arm of that grid trained to the end) says how close it came. ``quick`` (CI) also uses smaller ImageNet inputs and fewer epochs.
     """
     from .stages.tune import default_method
 
@@ -365,6 +366,12 @@ def default_pipeline(quick: bool = False) -> dict[str, Any]:
                  "ground_truth_config": {"epochs": 2 if quick else 3, "lr": 1e-3, "batch_size": 16,
                                          "scheduler": "constant", "warmup_ratio": 0.0}},
         "merge": {"method": "ties", "options": {"k": 0.2}},
+        # auto on a smaller grid than the benchmark's, so that its oracle (every arm trained to the end) fits
+        # the demo: 4 candidates (3 with quick) × linear/full × 2 lrs, 3 epochs per arm, a budget of ~10 %
+        # of the oracle's epochs
+        "auto": {"models": DEMO_MODELS[4:] if quick else ["mobilenet-v2", *DEMO_MODELS[4:]],
+                 "methods": ["linear", "full"], "lr_factors": [1, 3], "epochs": 2 if quick else 3,
+                 "budget": "3ep" if quick else "5ep", "oracle": True},
         "seeds": [0],
         "limits": {"time": 600},
     }

@@ -13,7 +13,7 @@ instance. The runner knows nothing else about it:
   Units of work go through :meth:`transferkit.pipeline.runner.Run.units`, which shows progress with an
   ETA, honours ``limits.time`` and, on ``--resume``, reuses every unit a killed run finished;
 - ``report(result, summary, figure)`` — its section of ``report.html``: a dict with ``title``, ``text``
-  (paragraphs), ``tables`` (``{"caption", "header", "rows"}``) and ``figures`` (the values
+  (paragraphs), ``headline`` (sentences shown at the top of the report), ``tables`` (``{"caption", "header", "rows"}``) and ``figures`` (the values
   ``figure(name, png_bytes)`` returns: the PNG is also saved under ``report/``), or None. The built-in
   stages return None: their sections are part of the report template.
 

@@ -223,6 +223,7 @@ def _stage_sections(summary: dict, keep) -> list[dict[str, Any]]:
         section = stage.report(result, summary, lambda name, png, s=stage.name: keep(png, f"{s}-{name}.png"))
         if section:
             out.append({"id": f"stage-{stage.name}", "title": section.get("title", stage.name),
+                        "headline": list(section.get("headline", [])),
                         "text": list(section.get("text", [])), "tables": list(section.get("tables", [])),
                         "figures": [f for f in section.get("figures", []) if f]})
     return out

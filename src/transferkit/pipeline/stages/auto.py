@@ -5,6 +5,7 @@ Runs :func:`transferkit.auto.search` on each target's recorded split with the pi
 how close the winner came. YAML::
 
     auto:
+      models: [digits-mnist, mobilenet-v2]   # default: the pipeline's models
       methods: [linear, lora, full]   # default: linear, bitfit, lora, full
       budget: 5m                      # or 30ep
       epochs: 3                       # per arm, if never pruned
@@ -24,11 +25,12 @@ from ...errors import ConfigError
 from ..config import boolean, check_keys, integer, mapping, slug, string, string_list
 from ..stage import Stage, register_stage
 
-_KEYS = ("methods", "budget", "epochs", "eta", "lr_factors", "prior", "oracle")
+_KEYS = ("models", "methods", "budget", "epochs", "eta", "lr_factors", "prior", "oracle")
 
 
 @dataclass
 class AutoSpec:
+    models: list[str] = field(default_factory=list)  # a subset of the pipeline's models (default: all)
     methods: list[str] = field(default_factory=lambda: ["linear", "bitfit", "lora", "full"])
     budget: str = "10m"
     epochs: int = 9
@@ -52,6 +54,12 @@ class AutoStage(Stage):
         raw = {} if raw is True else mapping(raw, "auto")
         check_keys(raw, _KEYS, "auto")
         spec = AutoSpec()
+        if "models" in raw:
+            spec.models = string_list(raw["models"], "auto.models")
+            unknown = [m for m in spec.models if m not in cfg.models]
+            if unknown:
+                raise ConfigError(f"auto.models: {unknown[0]!r} is not one of the pipeline's models "
+                                  f"({', '.join(cfg.models)})")
         if "methods" in raw:
             spec.methods = string_list(raw["methods"], "auto.methods")
         try:
@@ -83,7 +91,7 @@ class AutoStage(Stage):
     def report(self, result: dict, summary: dict, figure) -> dict | None:
         if not result.get("targets"):
             return None
-        text, tables, figures = [], [], []
+        text, tables, figures, headline = [], [], [], []
         for rec in result["targets"]:
             w = rec.get("winner")
             if not w:
@@ -94,7 +102,8 @@ class AutoStage(Stage):
                     f"{rec['budget']['spent']:g} of {rec['budget']['given']:g} "
                     f"{'epochs' if rec['budget']['kind'] == 'epochs' else 's'}.")
             if rec.get("oracle"):
-                line += " " + rec["oracle"]["headline"] + " (the oracle: every arm of this search trained to the end)."
+                headline.append(f"{rec['target']}: {rec['oracle']['headline']} (the oracle: every arm of this "
+                                f"search — {len(rec['arms'])} arms — trained to the end).")
             text.append(line)
             best_val: dict[str, float] = {}
             for a in rec["arms"]:
@@ -113,7 +122,7 @@ class AutoStage(Stage):
             png = run_png(rec)
             if png:
                 figures.append(figure(f"auto-{slug(rec['target'])}.png", png))
-        return {"title": "Auto: model × method within a budget", "text": text, "tables": tables,
+        return {"title": "Auto: model × method within a budget", "headline": headline, "text": text, "tables": tables,
                 "figures": [f for f in figures if f]}
 
 
@@ -140,10 +149,11 @@ def _search(run, spec: AutoSpec, target) -> dict:
     cfg = run.cfg
     common = dict(methods=spec.methods, epochs=spec.epochs, lr_factors=spec.lr_factors, seed=cfg.seeds[0],
                   model_options=cfg.model_options, split=split)
-    res = search(target.name, list(cfg.models), budget=spec.budget, eta=spec.eta, prior=spec.prior, out=out,
+    models = spec.models or list(cfg.models)
+    res = search(target.name, models, budget=spec.budget, eta=spec.eta, prior=spec.prior, out=out,
                  resume=run.resume and (out / "study.db").is_file(), progress=run.progress.line, **common)
     if spec.oracle and res.get("winner"):
-        res["oracle"] = compare(res, oracle(target.name, list(cfg.models), progress=run.progress.line, **common))
+        res["oracle"] = compare(res, oracle(target.name, models, progress=run.progress.line, **common))
     rec = {"target": target.name, **res}
     write_json(out / "result.json", rec)
     return rec
