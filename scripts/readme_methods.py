@@ -22,7 +22,9 @@ README = ROOT / "README.md"
 RESULTS = ROOT / "docs" / "method_results.yaml"
 # stage → how its methods are chosen on the command line
 CLI = {"rank": "transferkit rank --metrics {name}", "tune": "transferkit tune --method {name}",
-       "merge": "transferkit merge --method {name}"}
+       "merge": "transferkit merge --method {name}", "adapt": "transferkit adapt --method {name}"}
+# methods of a kind that is not chosen with --method (label-free scorers select an adapted model)
+CLI_BY_KIND = {("adapt", "scorer"): "Python: engine.train(metric=adapt.scorers.make_scorer('{name}', …))"}
 
 
 def _cell(text: str) -> str:
@@ -35,7 +37,8 @@ def table(stage: str, results: dict[str, str]) -> str:
     rows = ["| method | paper | module | CLI | result |", "|---|---|---|---|---|"]
     for name, m in registry.methods(stage).items():
         module = m.module.replace("transferkit.", "").replace(".", "/") + ".py"
-        rows.append(f"| `{name}` | {_cell(m.paper)} | `{module}` | `{CLI[stage].format(name=name)}` | "
+        cli = CLI_BY_KIND.get((stage, m.info.get("kind")), CLI[stage]).format(name=name)
+        rows.append(f"| `{name}` | {_cell(m.paper)} | `{module}` | `{cli}` | "
                     f"{_cell(results.get(name, 'not measured'))} |")
     return "\n".join(rows)
 

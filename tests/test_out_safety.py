@@ -208,7 +208,7 @@ def _bomb(levels: int):
 
 def test_error_messages_bound_what_they_repeat():
     from transferkit.pipeline.config import load_config
-    from transferkit.registry import _short, did_you_mean
+    from transferkit.registry import short as _short, did_you_mean
 
     big = _bomb(6)  # 9**7 strings once expanded
     t0 = time.perf_counter()

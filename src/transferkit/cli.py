@@ -20,6 +20,7 @@ from .rank.command import rank
 from .merge.command import merge
 from .tune.command import tune
 from .auto.command import auto
+from .adapt.command import adapt
 
 app = typer.Typer(
     cls=OneLineErrors,
@@ -33,6 +34,7 @@ app.add_typer(zoo_app, name="zoo")
 app.command()(guard(rank))
 app.command()(guard(tune))
 app.command()(guard(auto))
+app.command()(guard(adapt))
 app.command()(guard(merge))
 
 
@@ -196,6 +198,13 @@ def _render_summary(summary: dict) -> None:
                    + (g["skipped"] if g.get("skipped") else f"normalized accuracy {tasks}"))
     if merge.get("skipped"):
         typer.echo(f"merge: {merge['skipped']}")
+    from .pipeline import stages
+
+    for stage in stages():  # the headlines other stages put at the top of the report
+        result = summary.get(stage.name)
+        section = stage.report(result, summary, lambda name, png: None) if isinstance(result, dict) else None
+        for line in (section or {}).get("headline", []):
+            typer.echo(line)
     typer.echo(f"report: {summary.get('report')}")
 
 

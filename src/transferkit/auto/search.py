@@ -280,8 +280,9 @@ def search(data: Any, models: Sequence[str] | str, *, methods: Sequence[str] | s
     if resume:
         import optuna
 
+        # arms a killed run had taken (popped, perhaps not yet started): re-run from their start, in order
         stale = sorted(t.number for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
-                       if "arm" in t.params)
+                       if "arm" in t.params or "arm" in t.system_attrs.get("fixed_params", {}))
         for number in stale:
             runner.run(optuna.trial.Trial(study, _frozen(study, number)._trial_id))
     while _spent(study, budget) < budget.amount:

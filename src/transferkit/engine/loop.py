@@ -533,9 +533,12 @@ def _train(model, streams, objective, frozen, config, val, collate_fn, out, resu
     steps_per_epoch = -(-nb // k)
     total = config.max_steps if config.max_steps is not None else config.epochs * steps_per_epoch
     warmup = int(config.warmup_ratio * total)
+    # an objective's own schedule (DANN's annealed lr) replaces the config's scheduler and warm-up
+    own_schedule = getattr(objective, "lr_factor", None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
-        lambda s: lr_factor(s, total, warmup, config.scheduler))
+        (lambda s: own_schedule(s, total)) if own_schedule is not None
+        else (lambda s: lr_factor(s, total, warmup, config.scheduler)))
     collates = [_collate_for(ds, collate_fn) for _, ds in streams]
     higher_better = scorer.higher_is_better if scorer is not None else metric != "loss"
     restore = config.restore_best or config.early_stopping_patience is not None

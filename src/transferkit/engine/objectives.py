@@ -47,6 +47,9 @@ saved in checkpoints and synchronised by DDP. The rest of the contract, all opti
   on the training device) for EMA teachers or stochastic restore, and may return ``True`` to end the
   run after this step (every process must return the same). Plain callables may carry these methods
   too.
+- ``lr_factor(step, total) -> float``: when an objective defines it, the learning rate of update
+  ``step`` is ``lr_factor(step, total) × lr`` (× each group's ``lr_scale``), replacing
+  ``TrainConfig.scheduler`` and its warm-up (DANN's annealed ``μ0/(1 + αp)^β``).
 - Per-sample outputs: ``forward`` may return ``(loss, logs, outputs)`` where ``outputs`` maps names to
   tensors whose first dimension is the batch (the first stream's batch for named streams), e.g. the
   predictions test-time adaptation makes while it adapts. The engine detaches them, gathers them

@@ -1,0 +1,22 @@
+"""adapt: cross a domain shift with unlabelled target data, and choose adapted models without target labels.
+
+>>> from transferkit.adapt import adapt
+>>> res = adapt(load_model("digits-usps"), source, target_train, target_test, method="tent")  # doctest: +SKIP
+>>> res.metrics["accuracy"], res.metrics["source_only_accuracy"]                              # doctest: +SKIP
+
+Each method registers where it lives in the one method registry (stage ``adapt``; ``transferkit adapt
+--list``), with its paper and typed options:
+
+- training-time domain adaptation: ``dann`` (:mod:`.dann`);
+- test-time adaptation on the held-out target stream, online: ``bn``, ``tent``, ``cotta``, ``reset``
+  (:mod:`.tta`);
+- label-free model-selection scorers (registry ``kind="scorer"``, usable as engine scorers): ``entropy``,
+  ``snd``, ``transfer_score``, ``iwv``, ``dev`` (:mod:`.scorers`, :func:`.scorers.make_scorer`).
+"""
+
+from .run import ADAPT_FILES, AdaptResult, adapt, check_method
+
+# each module registers its methods on import (registration order = the listing's order)
+from . import dann, tta, scorers  # noqa: E402,F401  isort: skip
+
+__all__ = ["AdaptResult", "adapt", "check_method", "ADAPT_FILES"]

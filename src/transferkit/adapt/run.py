@@ -1,0 +1,120 @@
+"""The :func:`adapt` entry point: one method, one source → target shift, the held-out target part scored."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import registry
+from ..data.dataset import Dataset, validate
+from ..errors import ConfigError, DataError
+from ._common import STAGE, match_images, unlabelled
+
+__all__ = ["AdaptResult", "adapt", "ADAPT_FILES", "check_method"]
+
+# what an adapt run writes into its folder: metrics, the target's split record, the training curve, the
+# held-out predictions (with the split's test ids) and the adapted classifier's state (Tent, CoTTA and reset
+# models normalise with batch statistics: their BatchNorm layers have no running statistics)
+ADAPT_FILES = ("metrics.json", "split.json", "history.json", "predictions.json", "model.safetensors")
+
+
+@dataclass
+class AdaptResult:
+    method: str
+    model: str
+    metrics: dict[str, Any]
+    predictions: dict[str, np.ndarray]
+    history: list[dict] = field(default_factory=list)
+    module: nn.Module | None = None
+    out_dir: Path | None = None
+
+
+def check_method(method: Any) -> registry.Method:
+    """The registered adapt method ``method``; a scorer or an unknown name is a one-line ConfigError."""
+    m = registry.get(STAGE, method)
+    if m.info.get("kind") == "scorer":
+        methods = [n for n, x in registry.methods(STAGE).items() if x.info.get("kind") != "scorer"]
+        raise ConfigError(f"{method!r} is a model-selection scorer, not an adapt method; methods: {', '.join(methods)}")
+    return m
+
+
+def adapt(model, source: Dataset, target_train: Dataset, target_test: Dataset, *, method: str,
+          options: dict | None = None, seed: int = 0, out_dir: str | Path | None = None, split=None,
+          progress: bool = False) -> AdaptResult:
+    """Adapt ``model`` (a ZooModel) from the labelled ``source`` to the target with ``method``.
+
+    ``target_train`` is used without its labels (DANN trains on it; test-time methods do not use it);
+    ``target_test`` is the held-out part: the methods see only its items (test-time methods adapt on them as
+    a stream), and its labels, when it has any, only score the predictions (``accuracy``; test-time methods
+    also ``source_only_accuracy``, the source model's). ``options`` are the method's options
+    (``transferkit adapt --list``), typed and range-checked before anything runs. ``split`` is the record of
+    the target's train/test split (written to ``out_dir/split.json``).
+    """
+    m = check_method(method)
+    opts = m.parse(options)
+    if model.modality not in m.info.get("modality", ()):
+        raise ConfigError(f"adapt method {method!r} supports {' and '.join(m.info['modality'])} models; "
+                          f"{model.name!r} is a {model.modality} model")
+    for ds, what in ((source, "source"), (target_train, "target"), (target_test, "target")):
+        if not isinstance(ds, Dataset):
+            raise DataError(f"the {what} must be a transferkit Dataset, got {type(ds).__name__}")
+        if len(ds) == 0:
+            raise DataError(f"the {what} {ds.name!r} is empty")
+        if ds.modality != model.modality:
+            raise DataError(f"model {model.name!r} takes {model.modality} inputs but the {what} {ds.name!r} is "
+                            f"{ds.modality} data")
+    validate(source)  # labelled, ≥ 2 classes
+    for ds in (target_train, target_test):
+        if ds.classes and ds.classes != source.classes:
+            raise DataError(f"the target {ds.name!r} has classes {registry.short(ds.classes)} but the source "
+                            f"{source.name!r} has {registry.short(source.classes)}; partial or open-set adaptation "
+                            "is not supported")
+    source, target_train, target_test = match_images(model, source, target_train, target_test)
+    t0 = time.perf_counter()
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=cuda):  # the caller's random state is left as it was
+        fitted = m.fn(model, source, unlabelled(target_train), target_test.X, options=opts, seed=seed,
+                      progress=progress)
+    seconds = time.perf_counter() - t0
+    metrics: dict[str, Any] = {"method": method, "model": model.name, "source": source.name,
+                               "target": target_test.name, "seed": seed, "n_source": len(source),
+                               "n_target_train": len(target_train), "n_test": len(target_test),
+                               "target_labels_ignored": int(target_train.labelled.sum()),
+                               "seconds": round(seconds, 2), **fitted.extra}
+    has = target_test.labelled
+    if has.any():  # the only use of target labels
+        for name, pred in fitted.predictions.items():
+            key = "accuracy" if name == "adapted" else f"{name}_accuracy"
+            metrics[key] = float((pred[has] == target_test.y[has]).mean())
+        metrics["n_scored"] = int(has.sum())
+    metrics["options"] = asdict(opts) if opts is not None else {}
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        _write(out, metrics, fitted, split)
+    return AdaptResult(method, model.name, metrics, fitted.predictions, fitted.history, fitted.module, out)
+
+
+def _write(out: Path, metrics: dict, fitted, split) -> None:
+    from ..data.split import write_split
+    from ..engine import is_main_process
+    from ..io import mark, save_safetensors, write_json
+
+    if not is_main_process():
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    if split is not None:
+        write_split(out, split)
+    write_json(out / "history.json", fitted.history)
+    write_json(out / "predictions.json", {
+        "test_ids": list(split.test_ids) if split is not None else None,
+        **{k: v.tolist() for k, v in fitted.predictions.items()}})
+    save_safetensors({k: v.detach().cpu().contiguous() for k, v in fitted.module.state_dict().items()},
+                     out / "model.safetensors")
+    write_json(out / "metrics.json", metrics)  # last: its presence means the run finished
+    mark(out, "adapt")
