@@ -22,7 +22,8 @@ README = ROOT / "README.md"
 RESULTS = ROOT / "docs" / "method_results.yaml"
 # stage → how its methods are chosen on the command line
 CLI = {"rank": "transferkit rank --metrics {name}", "tune": "transferkit tune --method {name}",
-       "merge": "transferkit merge --method {name}", "adapt": "transferkit adapt --method {name}"}
+       "merge": "transferkit merge --method {name}", "adapt": "transferkit adapt --method {name}",
+       "distill": "transferkit distill --method {name}"}
 # methods of a kind that is not chosen with --method (label-free scorers select an adapted model)
 CLI_BY_KIND = {("adapt", "scorer"): "Python: engine.train(metric=adapt.scorers.make_scorer('{name}', …))"}
 

@@ -9,6 +9,7 @@ import yaml
 from transferkit import registry
 
 ROOT = Path(__file__).resolve().parents[1]
+STAGES = ("rank", "tune", "merge", "adapt", "distill")  # the stages whose methods have a README table
 
 
 def _script():
@@ -21,7 +22,7 @@ def _script():
 def test_readme_method_tables_are_the_registrys():
     text = (ROOT / "README.md").read_text()
     assert _script().render(text) == text, "run: python scripts/readme_methods.py"
-    for stage in ("rank", "tune", "merge"):
+    for stage in STAGES:
         block = text.split(f"<!-- methods:{stage}:start -->")[1].split(f"<!-- methods:{stage}:end -->")[0]
         listed = re.findall(r"^\| `([^`]+)` \|", block, re.M)
         assert listed == list(registry.methods(stage)), stage
@@ -29,7 +30,7 @@ def test_readme_method_tables_are_the_registrys():
 
 def test_every_registered_method_has_a_measured_result_line():
     results = yaml.safe_load((ROOT / "docs" / "method_results.yaml").read_text())
-    for stage in ("rank", "tune", "merge"):
+    for stage in STAGES:
         missing = set(registry.methods(stage)) - set(results.get(stage) or {})
         assert not missing, f"{stage}: no result line for {sorted(missing)} in docs/method_results.yaml"
         stale = set(results.get(stage) or {}) - set(registry.methods(stage))

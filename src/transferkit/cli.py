@@ -21,6 +21,7 @@ from .merge.command import merge
 from .tune.command import tune
 from .auto.command import auto
 from .adapt.command import adapt
+from .distill.command import distill
 
 app = typer.Typer(
     cls=OneLineErrors,
@@ -36,6 +37,7 @@ app.command()(guard(tune))
 app.command()(guard(auto))
 app.command()(guard(adapt))
 app.command()(guard(merge))
+app.command()(guard(distill))
 
 
 

@@ -80,7 +80,7 @@ from torch import nn
 from ..errors import ConfigError, DataError
 
 __all__ = ["Objective", "CrossEntropy", "KDObjective", "MaskedLM", "MultiTaskCE", "GradientReversal",
-           "grad_reverse", "kd_loss", "forward", "logits_of"]
+           "grad_reverse", "kd_loss", "mix_teachers", "forward", "logits_of"]
 
 
 class Objective(nn.Module):
@@ -208,35 +208,79 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
                     reduction="batchmean", log_target=True) * T * T
 
 
+def mix_teachers(teacher_logits: torch.Tensor, temperature: float, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Several teachers as one: ``T · log Σ_k w_k softmax(z_k / T)`` for ``(B, K, C)`` logits.
+
+    Logits whose softmax at temperature ``T`` is the ``w``-weighted mixture of the teachers' softened
+    distributions (``w`` uniform when None); :func:`kd_loss` on them distils from that mixture.
+    """
+    T = float(temperature)
+    K = teacher_logits.shape[1]
+    w = torch.full((K,), 1.0 / K) if weights is None else weights
+    log_w = torch.log(w.to(device=teacher_logits.device, dtype=teacher_logits.dtype))
+    return T * torch.logsumexp(F.log_softmax(teacher_logits / T, -1) + log_w[None, :, None], dim=1)
+
+
 class KDObjective(Objective):
-    """Distillation objective: ``kd_loss(student, teacher logits, T) + hard_weight·CE``.
+    """Distillation objective: ``soft_weight·kd_loss(student, teacher logits, T) + hard_weight·CE``.
 
     The teacher logits are ``batch["teacher_logits"]`` (computed beforehand, as Trans-LoRA does), or,
-    when a ``teacher`` module is given, ``forward(teacher, batch["inputs"])`` under ``no_grad``. The
-    teacher is declared ``frozen``: eval mode, no gradient, outside the optimizer, the checkpoints and
+    when a ``teacher`` module is given, ``forward(teacher, batch["inputs"])`` under ``no_grad``
+    (``batch["teacher_inputs"]`` instead of ``batch["inputs"]`` when present: a teacher with its own
+    preprocessing). ``teacher`` may be a list of modules (several teachers, one frozen
+    ``nn.ModuleList``; ``batch["teacher_inputs"]`` is then a list, one entry per teacher), and
+    ``batch["teacher_logits"]`` may be ``(B, K, C)``: several teachers are distilled as the
+    ``teacher_weights`` mixture of their softened distributions (:func:`mix_teachers`, uniform by default).
+    The teacher is declared ``frozen``: eval mode, no gradient, outside the optimizer, the checkpoints and
     DDP. The cross-entropy term uses ``batch["labels"]`` where they are ≥ 0 (true labels of the seeds;
     synthetic rows carry -1). Logs ``kd``, ``ce`` and ``agreement`` (argmax student = argmax teacher).
+    Hinton's ``α·CE + (1 − α)·T²·KL`` is ``hard_weight=α, soft_weight=1 − α``.
     """
 
-    def __init__(self, temperature: float = 2.0, hard_weight: float = 0.0, teacher: nn.Module | None = None):
+    def __init__(self, temperature: float = 2.0, hard_weight: float = 0.0, teacher: nn.Module | list | None = None,
+                 soft_weight: float = 1.0, teacher_weights: list[float] | None = None):
         super().__init__()
         if not float(temperature) > 0:
             raise ConfigError(f"KD temperature must be > 0, got {temperature}")
         if float(hard_weight) < 0:
             raise ConfigError(f"KD hard_weight must be >= 0, got {hard_weight}")
+        if float(soft_weight) < 0:
+            raise ConfigError(f"KD soft_weight must be >= 0, got {soft_weight}")
         self.temperature, self.hard_weight = float(temperature), float(hard_weight)
-        self.teacher = teacher
+        self.soft_weight = float(soft_weight)
+        self.several = isinstance(teacher, (list, tuple))
+        self.teacher = nn.ModuleList(teacher) if self.several else teacher
+        if teacher_weights is not None:
+            w = torch.as_tensor(teacher_weights, dtype=torch.float32)
+            if w.ndim != 1 or not bool((w >= 0).all()) or not float(w.sum()) > 0:
+                raise ConfigError(f"KD teacher_weights must be non-negative with a positive sum, got {teacher_weights}")
+            if self.several and len(w) != len(teacher):
+                raise ConfigError(f"{len(w)} teacher_weights for {len(teacher)} teachers")
+            self.teacher_weights = w / w.sum()
+        else:
+            self.teacher_weights = None
         self.frozen = ("teacher",) if teacher is not None else ()
+
+    def teacher_logits(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The (mixed) teacher logits of ``batch``: (B, C)."""
+        if self.teacher is None:
+            z = batch["teacher_logits"]
+        else:
+            inputs = batch.get("teacher_inputs", batch["inputs"])
+            with torch.no_grad():
+                if self.several:
+                    if "teacher_inputs" not in batch:
+                        inputs = [inputs] * len(self.teacher)
+                    z = torch.stack([forward(t, x) for t, x in zip(self.teacher, inputs)], 1)
+                else:
+                    z = forward(self.teacher, inputs)
+        return mix_teachers(z, self.temperature, self.teacher_weights) if z.dim() == 3 else z
 
     def forward(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
         logits = forward(model, batch["inputs"])
-        if self.teacher is not None:
-            with torch.no_grad():
-                teacher = forward(self.teacher, batch["inputs"])
-        else:
-            teacher = batch["teacher_logits"]
+        teacher = self.teacher_logits(batch)
         kd = kd_loss(logits, teacher, self.temperature)
-        loss, logs = kd, {"kd": kd.detach()}
+        loss, logs = self.soft_weight * kd, {"kd": kd.detach()}
         labels = batch.get("labels")
         if self.hard_weight > 0 and labels is not None:
             has = labels >= 0

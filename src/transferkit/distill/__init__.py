@@ -1,0 +1,20 @@
+"""distill: move what one model knows into another.
+
+>>> from transferkit.distill import distill
+>>> res = distill(["runs/teacher"], "digits-usps", train, test, method="kd", config={"epochs": 5})  # doctest: +SKIP
+
+Methods register under the registry stage ``distill`` (``transferkit distill --list``), one module per paper:
+
+- :mod:`.kd`: ``kd`` — Hinton et al. 2015, one or several frozen teachers, cached teacher logits;
+- :mod:`.nearest`: ``nearest`` / ``weighted`` — DistillNearest / DistillWeighted, Borup et al. ICCV'23;
+- :mod:`.gains`: ``kl_dp`` and the flip analysis (:func:`flips`) — Fantastic Gains, Roth et al. ICLR'24.
+
+Teachers and students are catalogue models or ``transferkit tune`` run folders (:func:`load_net`); the
+distilled student is saved as a Delta of its base model, in a folder that loads like a tune run.
+"""
+
+from ._common import STAGE, DistillResult, Net, distill, load_net
+from . import kd, nearest, gains  # noqa: E402,F401  isort: skip  (each registers its methods)
+from .gains import flips
+
+__all__ = ["STAGE", "DistillResult", "Net", "distill", "load_net", "flips"]
