@@ -7,7 +7,8 @@
 Each method registers where it lives in the one method registry (stage ``adapt``; ``transferkit adapt
 --list``), with its paper and typed options:
 
-- training-time domain adaptation: ``dann`` (:mod:`.dann`);
+- training-time domain adaptation: ``dann`` (:mod:`.dann`), ``paretoda`` (:mod:`.paretoda`), ``uda``
+  consistency training (:mod:`.uda`);
 - test-time adaptation on the held-out target stream, online: ``bn``, ``tent``, ``cotta``, ``reset``
   (:mod:`.tta`);
 - label-free model-selection scorers (registry ``kind="scorer"``, usable as engine scorers): ``entropy``,
@@ -17,6 +18,6 @@ Each method registers where it lives in the one method registry (stage ``adapt``
 from .run import ADAPT_FILES, AdaptResult, adapt, check_method
 
 # each module registers its methods on import (registration order = the listing's order)
-from . import dann, tta, scorers  # noqa: E402,F401  isort: skip
+from . import dann, paretoda, uda, tta, scorers  # noqa: E402,F401  isort: skip
 
 __all__ = ["AdaptResult", "adapt", "check_method", "ADAPT_FILES"]

@@ -24,7 +24,7 @@ def adapt(
     target: Optional[str] = typer.Option(None, "--target", help="Target dataset (name or path); its labels, if "
                                          "any, only score the held-out part."),
     model: Optional[str] = typer.Option(None, "--model", help="Source model name or path."),
-    method: str = typer.Option("dann", help="dann | bn | tent | cotta | reset; `transferkit adapt --list` shows "
+    method: str = typer.Option("dann", help="dann | paretoda | uda | bn | tent | cotta | reset; `transferkit adapt --list` shows "
                                "them with their papers and options."),
     config: Optional[Path] = typer.Option(None, help="YAML/JSON file of the method's options."),
     limit: Optional[int] = typer.Option(None, min=2, help="At most this many items of each dataset (stratified)."),

@@ -7,14 +7,17 @@ Methods register under the registry stage ``distill`` (``transferkit distill --l
 
 - :mod:`.kd`: ``kd`` — Hinton et al. 2015, one or several frozen teachers, cached teacher logits;
 - :mod:`.nearest`: ``nearest`` / ``weighted`` — DistillNearest / DistillWeighted, Borup et al. ICCV'23;
-- :mod:`.gains`: ``kl_dp`` and the flip analysis (:func:`flips`) — Fantastic Gains, Roth et al. ICLR'24.
+- :mod:`.gains`: ``kl_dp`` and the flip analysis (:func:`flips`) — Fantastic Gains, Roth et al. ICLR'24;
+- :mod:`.ncd`: ``ncd`` — class-relation KD for novel class discovery, Gu et al. ICCV'23 (:func:`cluster_accuracy`).
 
 Teachers and students are catalogue models or ``transferkit tune`` run folders (:func:`load_net`); the
-distilled student is saved as a Delta of its base model, in a folder that loads like a tune run.
+distilled student is saved as a Delta of its base model, in a folder that loads like a tune run (except
+``ncd``'s: its learner has known and novel heads, and its folder does not load as a teacher).
 """
 
 from ._common import STAGE, DistillResult, Net, distill, load_net
-from . import kd, nearest, gains  # noqa: E402,F401  isort: skip  (each registers its methods)
+from . import kd, nearest, gains, ncd  # noqa: E402,F401  isort: skip  (each registers its methods)
 from .gains import flips
+from .ncd import cluster_accuracy
 
-__all__ = ["STAGE", "DistillResult", "Net", "distill", "load_net", "flips"]
+__all__ = ["STAGE", "DistillResult", "Net", "distill", "load_net", "flips", "cluster_accuracy"]

@@ -291,6 +291,8 @@ def distill(teachers: list, student: Any, train_data, test_data, *, method: str 
     cfg = TrainConfig.from_dict({**train_opts, "progress": progress})
     validate(train_data, need_labels=m.info.get("needs_labels", True))
     classes = list(train_data.classes)
+    if m.info.get("check_data"):  # a method's options against the data, before any model loads (ncd)
+        m.info["check_data"](options, classes)
     teachers = [t if isinstance(t, Net) else load_net(t, classes) for t in teachers]
     student = student if isinstance(student, Net) else load_net(student, classes)
     if not teachers:
@@ -312,7 +314,8 @@ def distill(teachers: list, student: Any, train_data, test_data, *, method: str 
                "seconds": round(time.perf_counter() - t0, 2),
                "student_params": sum(p.numel() for p in module.parameters()), **extra}
     if test_data is not None:
-        metrics["test_accuracy"] = accuracy(module, student, test_data)
+        if "test_accuracy" not in metrics:  # a method whose outputs are not the data's classes scores itself (ncd)
+            metrics["test_accuracy"] = accuracy(module, student, test_data)
         if "teacher_test_accuracy" not in metrics:
             metrics["teacher_test_accuracy"] = {t.name: accuracy(t.module, t, test_data) for t in teachers
                                                 if t.module is not None}

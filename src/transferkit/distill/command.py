@@ -33,6 +33,9 @@ def distill(
     epochs: Optional[int] = typer.Option(None), lr: Optional[float] = typer.Option(None),
     limit: Optional[int] = typer.Option(None, help="At most this many samples (stratified)."),
     per_class: Optional[int] = typer.Option(None, "--per-class"),
+    known_classes: Optional[str] = typer.Option(None, "--known-classes", help="ncd: comma-separated labelled "
+                                                "classes (a strict subset; the others are novel, their labels "
+                                                "hidden)."),
     seed: int = typer.Option(0, min=0, max=SEED_MAX, help="Seeds the sub-sampling, the split and training."),
     out: Path = typer.Option(Path("runs/distill"), help="Run folder."),
     show_list: bool = typer.Option(False, "--list", help="List the methods and their options and exit."),
@@ -53,6 +56,8 @@ def distill(
     options = read_config(config) if config else {}
     options.update({k: v for k, v in {"epochs": epochs, "lr": lr}.items() if v is not None})
     options.setdefault("seed", seed)
+    if known_classes is not None:
+        options["known_classes"] = [c.strip() for c in known_classes.split(",") if c.strip()]
     split_config(method, options)  # every option checked before any data or model is loaded
     if not data or not teacher or not student:
         raise TransferkitError("distill needs --data, --teacher and --student (or --list)")
