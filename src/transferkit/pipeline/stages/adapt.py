@@ -73,7 +73,7 @@ class AdaptStage(Stage):
     def run(self, run) -> dict:
         spec: AdaptSpec | None = run.cfg.section("adapt")
         if spec is None:
-            return {"skipped": "no adapt section"}
+            return {"skipped": "adapt is not configured"}
         chosen = (run.results.get("tune") or {}).get("chosen") or {}
         targets = [t for t in run.cfg.targets if t.name in spec.sources]
         units = [(t, (chosen.get(t.name) or {}).get("model") or run.cfg.models[0], s)
