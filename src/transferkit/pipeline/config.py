@@ -367,8 +367,8 @@ def default_pipeline(quick: bool = False) -> dict[str, Any]:
                                          "scheduler": "constant", "warmup_ratio": 0.0}},
         "merge": {"method": "ties", "options": {"k": 0.2}},
         # auto on a smaller grid than the benchmark's, so that its oracle (every arm trained to the end) fits
-        # the demo: 4 candidates (3 with quick) × linear/full × 2 lrs, 3 epochs per arm, a budget of ~10 %
-        # of the oracle's epochs
+        # the demo: 4 candidates (3 with quick) × linear/full × 2 lrs, 3 epochs per arm (2 with quick), a budget
+        # of about a fifth of the oracle's backbone epochs (5 of 24; quick: 3 of 12)
         "auto": {"models": DEMO_MODELS[4:] if quick else ["mobilenet-v2", *DEMO_MODELS[4:]],
                  "methods": ["linear", "full"], "lr_factors": [1, 3], "epochs": 2 if quick else 3,
                  "budget": "3ep" if quick else "5ep", "oracle": True},
