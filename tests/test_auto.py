@@ -283,3 +283,22 @@ def test_pipeline_section_is_checked_at_load(models, sentiment_csv, section, mat
 
     with pytest.raises(ConfigError, match=match):
         load_config({"targets": [str(sentiment_csv)], "models": models, "auto": section})
+
+
+def test_a_diverging_arm_ends_and_the_search_goes_on(models, sentiment_csv, monkeypatch, one_thread):
+    import transferkit.tune as tune_pkg
+    from transferkit.engine import TrainingDiverged
+
+    real = tune_pkg.tune
+
+    def blow_up_full(model, train, test=None, *, method, config, **kw):
+        if method == "full" and config["lr"] > 1e-4:  # the ×3 lr of full fine-tuning
+            raise TrainingDiverged(f"training diverged at step 3 (lr {config['lr']:g})")
+        return real(model, train, test, method=method, config=config, **kw)
+
+    monkeypatch.setattr(tune_pkg, "tune", blow_up_full)
+    res = auto(sentiment_csv, models, budget="40ep", **FAST)
+    states = {a["name"]: a["state"] for a in res["arms"]}
+    assert {n for n, st in states.items() if st == "diverged"} == {
+        a["name"] for a in res["arms"] if a["method"] == "full" and a["lr"] > 1e-4}
+    assert "waiting" not in states.values() and res["winner"]["state"] == "complete"

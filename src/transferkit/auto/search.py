@@ -200,7 +200,8 @@ def search(data: Any, models: Sequence[str] | str, *, methods: Sequence[str] | s
     """Search model × method × lr for ``data`` within ``budget``; see the module docstring.
 
     Returns a JSON-able dict: ``winner`` (arm, validation and test accuracy, epochs), ``arms`` (every arm:
-    state ``complete`` | ``pruned`` (at a rung) | ``budget`` | ``waiting``, the epochs it reached and its
+    state ``complete`` | ``pruned`` (at a rung) | ``budget`` | ``diverged`` (its loss blew up: the arm ends,
+    the search goes on) | ``waiting``, the epochs it reached and its
     validation curve), ``prior`` (metric scores and order), ``budget`` (given and spent), ``split``.
     ``dataset``: the already loaded target (then ``data`` only labels it); ``split``: its recorded
     ``(train, test, Split)`` (a pipeline's), used as is instead of splitting.
@@ -329,7 +330,7 @@ class _ArmRunner:
     def run(self, trial) -> None:
         import optuna
 
-        from ..engine import watch
+        from ..engine import TrainingDiverged, watch
         from ..tune import tune
 
         arm = self.arms[trial.suggest_categorical("arm", list(range(len(self.arms))))]
@@ -377,14 +378,18 @@ class _ArmRunner:
             shutil.rmtree(arm_dir)  # a half-written arm of a killed run (ours): trained again from its start
         config = {"lr": arm.lr, "epochs": arm_epochs, "seed": self.seed}
         self.say(f"arm {arm.index + 1}/{len(self.arms)}: {arm.name}")
-        with watch(watcher):
-            res = tune(self.zms[arm.model], self.train, None, method=arm.method, config=config, out_dir=arm_dir,
-                       val_fraction=VAL_FRACTION, progress=False)
+        try:
+            with watch(watcher):
+                res = tune(self.zms[arm.model], self.train, None, method=arm.method, config=config,
+                           out_dir=arm_dir, val_fraction=VAL_FRACTION, progress=False)
+        except TrainingDiverged as exc:  # an lr too large for this arm: the arm ends, the search goes on
+            state["stop"] = "diverged"
+            self.say(f"  {arm.name}: {exc}")
         self.trained += 1
         trial.set_user_attr("seconds", time.perf_counter() - t0)
         trial.set_user_attr("stopped", state["stop"] or "complete")
         last = state["curve"][-1][1] if state["curve"] else float("nan")
-        if state["stop"] == "pruned":
+        if state["stop"] in ("pruned", "diverged"):
             if arm_dir is not None:
                 shutil.rmtree(arm_dir, ignore_errors=True)
             self.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
