@@ -126,7 +126,7 @@ def run(
     trust_remote_code: bool = trust_option(),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
-    """Run rank → ground truth → tune → merge → report from a YAML file.
+    """Run the pipeline of a YAML file: rank → ground truth → auto → tune → adapt → merge → distill → report.
 
     Example: transferkit run examples/pipeline.yaml --out runs/p1
     """
