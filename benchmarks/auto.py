@@ -108,8 +108,8 @@ def one(target: str, zoo: dict, seed: int, args, say) -> dict:
                        "arms_started": sum(a["state"] != "waiting" for a in res["arms"]),
                        "prior_order": res["prior"]["order"]}
     rows["random search"] = random_search(orc, budget, seed)
-    by = {(a["model"], a["method"], a["lr"]): a for a in orc["arms"]}
     top1 = rows["auto"]["prior_order"][0]
+    # the (model, method) arm at the method's default lr: make_arms puts lr factor 1 first within a model and method
     default = lambda m, method: next(a for a in orc["arms"] if a["model"] == m and a["method"] == method)  # noqa: E731
     if "lora" in args.methods:
         a = default(top1, "lora")
@@ -125,7 +125,6 @@ def one(target: str, zoo: dict, seed: int, args, say) -> dict:
         r["ratio"] = acc / best if acc is not None else None
         r["compute"] = r["cost"] / orc["cost"]
         r["se"] = _se(acc, n) if acc is not None else None
-    del by
     return {"target": target, "seed": seed, "n_test": n, "budget_epochs": budget,
             "oracle": {"best": orc["best"], "cost": orc["cost"], "seconds": orc["seconds"],
                        "n_arms": len(orc["arms"]), "arms": orc["arms"]},
