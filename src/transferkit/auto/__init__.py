@@ -14,10 +14,10 @@ import sys
 import types
 
 from .budget import Budget, parse_budget
-from .oracle import oracle
+from .oracle import compare, oracle
 from .search import DEFAULT_METHODS, LR_FACTORS, SUPPORTED, Arm, evaluate_delta, make_arms, search
 
-__all__ = ["search", "oracle", "Budget", "parse_budget", "make_arms", "evaluate_delta", "Arm", "DEFAULT_METHODS",
+__all__ = ["search", "oracle", "compare", "Budget", "parse_budget", "make_arms", "evaluate_delta", "Arm", "DEFAULT_METHODS",
            "LR_FACTORS", "SUPPORTED"]
 
 

@@ -47,7 +47,7 @@ def auto(
     Example: transferkit auto --data vader:movies --models all-minilm-l6-v2,paraphrase-minilm-l3-v2 --methods lora,linear --budget 30ep --oracle --json
     """
     from ..zoo import remote_code
-    from .oracle import oracle
+    from .oracle import compare, oracle
     from .search import search
 
     if not data or not models:
@@ -71,22 +71,6 @@ def auto(
 
     mark(out, "auto")
     emit(res, as_json, render_auto)
-
-
-def compare(res: dict, orc: dict) -> dict:
-    """The search's winner against the oracle: accuracy ÷ the best arm's, compute ÷ all arms' compute (epochs
-    of backbone training, and seconds — the search's seconds include its first feature extractions, the
-    oracle's hit the cache)."""
-    win, best = res["winner"], orc["best"]
-    cost = sum(a["cost"] for a in res["arms"])
-    seconds = sum(a["seconds"] for a in res["arms"])
-    acc = win["test_accuracy"] / best["test_accuracy"] if best["test_accuracy"] else float("nan")
-    share = cost / orc["cost"] if orc["cost"] else float("nan")
-    return {**orc, "accuracy_ratio": acc, "compute_ratio_epochs": share,
-            "compute_ratio_seconds": seconds / orc["seconds"] if orc["seconds"] else None,
-            "headline": f"auto chose {win['name']}: {100 * acc:.1f} % of the best of all {len(orc['arms'])} arms "
-                        f"({best['name']}, test {best['test_accuracy']:.4f}), at {100 * share:.1f} % of their "
-                        f"training epochs"}
 
 
 def render_auto(res: dict) -> None:

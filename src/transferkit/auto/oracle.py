@@ -53,3 +53,19 @@ def oracle(data: Any, models: Sequence[str] | str, *, methods: Sequence[str] | s
     return {"data": split.data, "n_test": n, "arms": rows,
             "best": {**best, "test_se": math.sqrt(best["test_accuracy"] * (1 - best["test_accuracy"]) / n)},
             "seconds": round(sum(r["seconds"] for r in rows), 3), "cost": float(sum(r["cost"] for r in rows))}
+
+
+def compare(res: dict, orc: dict) -> dict:
+    """The search's winner against the oracle: accuracy ÷ the best arm's, compute ÷ all arms' compute (epochs
+    of backbone training, and seconds — the search's seconds include its first feature extractions, the
+    oracle's hit the cache)."""
+    win, best = res["winner"], orc["best"]
+    cost = sum(a["cost"] for a in res["arms"])
+    seconds = sum(a["seconds"] for a in res["arms"])
+    acc = win["test_accuracy"] / best["test_accuracy"] if best["test_accuracy"] else float("nan")
+    share = cost / orc["cost"] if orc["cost"] else float("nan")
+    return {**orc, "accuracy_ratio": acc, "compute_ratio_epochs": share,
+            "compute_ratio_seconds": seconds / orc["seconds"] if orc["seconds"] else None,
+            "headline": f"auto chose {win['name']}: {100 * acc:.1f} % of the best of all {len(orc['arms'])} arms "
+                        f"({best['name']}, test {best['test_accuracy']:.4f}), at {100 * share:.1f} % of their "
+                        f"training epochs"}

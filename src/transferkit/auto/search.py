@@ -265,7 +265,6 @@ def search(data: Any, models: Sequence[str] | str, *, methods: Sequence[str] | s
         else:
             db = out / "study.db"
             fresh_db = not db.exists()
-            out.mkdir(parents=True, exist_ok=True)
             storage = f"sqlite:///{db}"
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)

@@ -137,8 +137,7 @@ def run_png(rec: dict) -> bytes | None:
 
 
 def _search(run, spec: AutoSpec, target) -> dict:
-    from ...auto.command import compare
-    from ...auto.oracle import oracle
+    from ...auto.oracle import compare, oracle
     from ...auto.search import search
     from ...io import write_json
 
