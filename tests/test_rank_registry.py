@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from transferkit import registry
 from transferkit.errors import ConfigError, DataError
 from transferkit.features import Features
 from transferkit.rank import METRICS, rank_features, resolve_metrics, score
@@ -143,3 +144,20 @@ def test_unlabelled_rows_are_refused_not_scored_as_a_class():
     with pytest.raises(DataError, match="unlabelled"):
         logme(X, y)
     assert np.isfinite(logme(X[y >= 0], y[y >= 0]))
+
+
+def test_import_methods_registers_every_module_first_ones_first(tmp_path, monkeypatch):
+    """A stage package's new method module registers by existing: no import line to add anywhere."""
+    pkg = tmp_path / "toystage_pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    for name in ("zeta", "alpha", "beta", "command", "_private"):
+        (pkg / f"{name}.py").write_text(
+            "from transferkit import registry\n"
+            f"registry.register('toystage_pkg', '{name}', paper='p', summary='s', fn=lambda: None)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    registry.import_methods("toystage_pkg", [str(pkg)], first=("zeta",), skip=("command",))
+    try:
+        assert list(registry.methods("toystage_pkg")) == ["zeta", "alpha", "beta"]
+    finally:
+        registry._REGISTRY.pop("toystage_pkg", None)

@@ -113,6 +113,17 @@ def _load(stage: str) -> None:
             raise
 
 
+def import_methods(package: str, path, first: tuple[str, ...] = (), skip: tuple[str, ...] = ()) -> None:
+    """Import a stage package's method modules so each registers its methods where it lives: ``first`` in
+    that order (it is the listing order), then every other public module of ``path`` except ``skip``, by name."""
+    import pkgutil
+
+    rest = sorted(m.name for m in pkgutil.iter_modules(path)
+                  if not m.name.startswith("_") and m.name not in first and m.name not in skip)
+    for name in (*first, *rest):
+        importlib.import_module(f"{package}.{name}")
+
+
 def methods(stage: str) -> dict[str, Method]:
     """Every registered method of ``stage``, in registration order."""
     _load(stage)

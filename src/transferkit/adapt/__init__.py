@@ -17,7 +17,11 @@ Each method registers where it lives in the one method registry (stage ``adapt``
 
 from .run import ADAPT_FILES, AdaptResult, adapt, check_method
 
-# each module registers its methods on import (registration order = the listing's order)
-from . import dann, paretoda, uda, tta, scorers  # noqa: E402,F401  isort: skip
+from .. import registry  # noqa: E402  isort: skip
+
+# each method module registers its methods on import; these first (the listing's order), then any other
+# module of this package: a new method is one new module
+registry.import_methods(__name__, __path__, first=("dann", "paretoda", "uda", "tta", "scorers"),
+                        skip=("run", "command"))
 
 __all__ = ["AdaptResult", "adapt", "check_method", "ADAPT_FILES"]

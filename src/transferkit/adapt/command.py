@@ -24,8 +24,8 @@ def adapt(
     target: Optional[str] = typer.Option(None, "--target", help="Target dataset (name or path); its labels, if "
                                          "any, only score the held-out part."),
     model: Optional[str] = typer.Option(None, "--model", help="Source model name or path."),
-    method: str = typer.Option("dann", help="dann | paretoda | uda | bn | tent | cotta | reset; `transferkit adapt --list` shows "
-                               "them with their papers and options."),
+    method: str = typer.Option("dann", help="Method name; `transferkit adapt --list` shows them with their papers and "
+                               "options."),
     config: Optional[Path] = typer.Option(None, help="YAML/JSON file of the method's options."),
     limit: Optional[int] = typer.Option(None, min=2, help="At most this many items of each dataset (stratified)."),
     test_size: float = typer.Option(0.3, "--test-size", help="Held-out fraction of the target, in (0, 1)."),

@@ -16,7 +16,11 @@ distilled student is saved as a Delta of its base model, in a folder that loads 
 """
 
 from ._common import STAGE, DistillResult, Net, distill, load_net
-from . import kd, nearest, gains, ncd  # noqa: E402,F401  isort: skip  (each registers its methods)
+from .. import registry  # noqa: E402  isort: skip
+
+# each method module registers its methods on import; these first (the listing's order), then any other
+# module of this package: a new method is one new module
+registry.import_methods(__name__, __path__, first=("kd", "nearest", "gains", "ncd"), skip=("command",))
 from .gains import flips
 from .ncd import cluster_accuracy
 
