@@ -253,13 +253,50 @@ def run_target(target: str, models: dict, args, per_class: int, ft_cfg: dict, lr
                                                            for m, r in ens["methods"].items())
                 + f"; best {ens['best']['members']} {ens['best']['accuracy']:.3f}")
     majority = float(max(np.mean(test.y == c) for c in range(len(test.classes))))
-    return {"target": target, "n_train": len(train), "n_test": len(test), "classes": len(ds.classes),
+    correct = {proto: {m: "".join("1" if ok else "0" for ok in np.argmax(p, 1) == test.y) for m, p in probs[proto].items()}
+               for proto in args.ground_truth}
+    return {"target": target, "correct": correct, "n_train": len(train), "n_test": len(test), "classes": len(ds.classes),
             "majority": majority, "scores": scores, "ground_truth": truth, "ground_truth_runs": runs,
             "evaluation": evals, "ensembles": ensembles, "seconds": {"features": feat_s, "metrics": metric_s, "ground_truth": gt_s},
             "auto_rows": auto_info, "notes": notes}
 
 
 # ------------------------------------------------------------------------------------------------ report
+BOOTSTRAP = 1000
+
+
+def tau_draws(r: dict, proto: str, draws: int = BOOTSTRAP, seed: int = 0) -> dict[str, np.ndarray] | None:
+    """τ_w of every metric on ``draws`` bootstrap resamples of the target's test items (the same resamples for
+    every metric; the candidates' accuracies are recomputed from their stored per-item correctness). None when
+    the run stored no per-item correctness. A draw where a metric's τ_w is undefined is NaN."""
+    from scipy import stats
+
+    correct = (r.get("correct") or {}).get(proto)
+    if not correct:
+        return None
+    models = sorted(correct)
+    C = np.array([[c == "1" for c in correct[m]] for m in models], dtype=float)  # models × items
+    n = C.shape[1]
+    rng = np.random.default_rng(seed)
+    counts = np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(draws)], 1)  # items × draws
+    acc = C @ counts / n  # models × draws
+    out = {}
+    for k, sc in r["scores"].items():
+        keep = [i for i, m in enumerate(models) if sc.get(m) is not None and np.isfinite(sc[m])]
+        if len(keep) < 2:
+            continue
+        s = np.array([sc[models[i]] for i in keep], dtype=float)
+        out[k] = np.array([stats.weightedtau(s, acc[keep, b]).statistic if np.ptp(s) > 0 else np.nan
+                           for b in range(draws)])
+    return out
+
+
+def interval(x: np.ndarray) -> list[float] | None:
+    """The 95 % percentile interval of the finite draws (None when fewer than half are finite)."""
+    x = x[np.isfinite(x)]
+    return [float(np.percentile(x, 2.5)), float(np.percentile(x, 97.5))] if x.size >= BOOTSTRAP // 2 else None
+
+
 def summarise(zoo: str, results: list[dict], protos: list[str]) -> dict:
     """Per-target τ_w and the means. A metric whose scores tie across all candidates (e.g. SFDA saturating
     at 1.0 when N < D) has an undefined τ_w: shown as None per target and counted as 0 (no information)
@@ -267,6 +304,7 @@ def summarise(zoo: str, results: list[dict], protos: list[str]) -> dict:
     metrics = list(results[0]["scores"])
     out = {}
     for proto in protos:
+        draws = [tau_draws(r, proto) for r in results]
         table = {}
         for k in metrics:
             evs = [r["evaluation"][proto].get(k) for r in results]
@@ -285,12 +323,26 @@ def summarise(zoo: str, results: list[dict], protos: list[str]) -> dict:
                         "mean_pearson": float(np.mean([p if p is not None else 0.0 for p in pea])),
                         "mean_rel@1": float(np.mean(rel)) if rel else None,
                         "mean_regret": float(np.mean(reg)) if reg else None, "applicable": True}
+            if all(d is not None for d in draws):  # 95 % bootstrap intervals over the test items, per target and of the mean
+                per = [np.nan_to_num(d[k], nan=0.0) if k in d else np.zeros(BOOTSTRAP) for d in draws]
+                table[k]["ci"] = {r["target"]: interval(d[k]) if k in d else None for r, d in zip(results, draws)}
+                table[k]["mean_ci"] = interval(np.mean(per, 0))
         out[proto] = table
     return out
 
 
 def fmt(v, nd=3) -> str:
     return "—" if v is None else f"{v:.{nd}f}"
+
+
+def fmt_ci(ci) -> str:
+    return f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""
+
+
+def acc_se(r: dict, proto: str, m: str) -> str:
+    """A measured accuracy with its binomial standard error on the target's test set."""
+    a = r["ground_truth"].get(proto, {}).get(m)
+    return "—" if a is None else f"{a:.3f} ± {math.sqrt(a * (1 - a) / r['n_test']):.3f}"
 
 
 def markdown(doc: dict) -> str:
@@ -304,8 +356,7 @@ def markdown(doc: dict) -> str:
         for r in z["targets"]:
             lines.append(f"- **{r['target']}**: {r['n_train']} train / {r['n_test']} test, {r['classes']} classes, "
                          f"majority {r['majority']:.2f}. Measured accuracy (fine-tune | linear probe): " +
-                         "; ".join(f"{m} {fmt(r['ground_truth']['finetune'].get(m))} | {fmt(r['ground_truth']['linear'].get(m))}"
-                                   for m in z["models"]))
+                         "; ".join(f"{m} {acc_se(r, 'finetune', m)} | {acc_se(r, 'linear', m)}" for m in z["models"]))
         lines.append("")
         lines.append("Noise floor of the ground truth (binomial standard error of one test accuracy vs the spread of the "
                      "measured accuracies over the zoo):")
@@ -327,11 +378,17 @@ def markdown(doc: dict) -> str:
                 if not s[k].get("applicable", True):
                     lines.append(f"| {k} | " + " | ".join("n/a" for _ in targets) + " | n/a | n/a | n/a | n/a |")
                     continue
-                lines.append(f"| {k} | " + " | ".join(fmt(s[k]["per_target"][t]) for t in targets) +
-                             f" | **{fmt(s[k]['mean_tau_w'])}** | {fmt(s[k]['mean_pearson'])} | {fmt(s[k]['mean_rel@1'])} | "
-                             f"{fmt(s[k]['mean_regret'])} |")
+                ci = s[k].get("ci") or {}
+                lines.append(f"| {k} | " + " | ".join(fmt(s[k]["per_target"][t]) + fmt_ci(ci.get(t)) for t in targets) +
+                             f" | **{fmt(s[k]['mean_tau_w'])}**{fmt_ci(s[k].get('mean_ci'))} | {fmt(s[k]['mean_pearson'])} | "
+                             f"{fmt(s[k]['mean_rel@1'])} | {fmt(s[k]['mean_regret'])} |")
             lines += ["", "— = undefined (the metric gave every candidate the same score), counted as 0 in the mean; "
-                      "n/a = not applicable to this zoo (needs a source head).", ""]
+                      "n/a = not applicable to this zoo (needs a source head)."
+                      + (f" [lo, hi] = 95 % bootstrap interval over the test items ({BOOTSTRAP} resamples; the "
+                         "ground-truth accuracies recomputed from each candidate's stored per-item correctness; the "
+                         "mean's interval resamples every target's test set in the same draw). Two metrics whose "
+                         "intervals overlap are not told apart by this ground truth."
+                         if any(s[k].get("ci") for k in s) else ""), ""]
         lines += auto_section(doc, z)
     for zoo, z in doc["zoos"].items():
         rows = []
