@@ -10,7 +10,9 @@ Each method registers where it lives in the one method registry (stage ``adapt``
 - training-time domain adaptation: ``dann`` (:mod:`.dann`), ``paretoda`` (:mod:`.paretoda`), ``uda``
   consistency training (:mod:`.uda`);
 - test-time adaptation on the held-out target stream, online: ``bn``, ``tent``, ``cotta``, ``reset``
-  (:mod:`.tta`);
+  (:mod:`.tta`), ``vida`` (:mod:`.vida`);
+- semi-supervised heterogeneous DA with k target labels per class (of the training part only): ``noise``
+  (:mod:`.noise`);
 - label-free model-selection scorers (registry ``kind="scorer"``, usable as engine scorers): ``entropy``,
   ``snd``, ``transfer_score``, ``iwv``, ``dev`` (:mod:`.scorers`, :func:`.scorers.make_scorer`).
 """

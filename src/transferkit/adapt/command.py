@@ -3,8 +3,9 @@
 The method options (``--config`` YAML/JSON) are typed and range-checked before any data or model is loaded;
 bad input is a one-line ``error: …`` and exit code 2, with nothing written. The target is split once by
 :func:`~transferkit.data.split.make_split` (stratified, ``--seed``, ``--test-size``), recorded in
-``OUT/split.json``: its training part is used without labels, its held-out part is what test-time methods
-adapt on, and its labels only score the predictions. ``--list [--json]`` comes from the registry.
+``OUT/split.json``: its training part is used without labels (a semi-supervised method: with k labels per
+class of it, whose item ids are printed), its held-out part is what test-time methods adapt on, and its
+labels only score the predictions. ``--list [--json]`` comes from the registry.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import typer
 
 from ..clitools import SEED_MAX, check_out, emit, list_methods, read_config
@@ -49,17 +51,23 @@ def adapt(
     if not 0 < test_size < 1:
         raise TransferkitError(f"--test-size must be a fraction in (0, 1), got {test_size}")
     options = read_config(config) if config else {}
-    check_method(method).parse(options)  # every option checked before any data or model is loaded
+    parsed = check_method(method).parse(options)  # every option checked before any data or model is loaded
+    semi = hasattr(parsed, "labelled_per_class")
     if not source or not target or not model:
         raise TransferkitError("adapt needs --source, --target and --model (or --list)")
     check_out(out, names=ADAPT_FILES, inputs=(source, target, model, config))  # before any work
     src = load_dataset(source, limit=limit, seed=seed)
     train, test, split = make_split(target, limit=limit, sample_seed=seed, seed=seed, test_size=test_size)
-    if train.labelled.any():
+    if train.labelled.any() and not semi:
         typer.echo(f"note: the target {target} has labels; they are not used for adaptation, only to score the "
                    f"{len(test)} held-out items", err=True)
     res = run_adapt(load_model(model), src, train, test, method=method, options=options, seed=seed, out_dir=out,
                     split=split)
+    if semi:  # positions in the training part → ids of the loaded target (as split.json's test_ids)
+        ids = np.setdiff1d(np.arange(split.n), split.test_ids)[res.metrics["target_labels_used"]].tolist()
+        typer.echo(f"note: {len(ids)} target labels used for training ({parsed.labelled_per_class} per class, "
+                   f"from the training part), item ids {ids} of {target}; the {len(test)} held-out items' labels "
+                   "only score", err=True)
     emit(res.metrics | {"out": str(out)}, as_json, lambda d: [typer.echo(f"{k}: {v}") for k, v in d.items()])
 
 

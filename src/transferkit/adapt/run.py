@@ -1,4 +1,9 @@
-"""The :func:`adapt` entry point: one method, one source → target shift, the held-out target part scored."""
+"""The :func:`adapt` entry point: one method, one source → target shift, the held-out target part scored.
+
+A method whose options have ``labelled_per_class`` (k) is semi-supervised: it is given the labels of k items
+per class of the target's *training* part (:func:`few_labels`: stratified, seeded), and no other target label;
+the held-out part is never trained on, whatever the method.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ from ..data.dataset import Dataset, validate
 from ..errors import ConfigError, DataError
 from ._common import STAGE, match_images, unlabelled
 
-__all__ = ["AdaptResult", "adapt", "ADAPT_FILES", "check_method"]
+__all__ = ["AdaptResult", "adapt", "ADAPT_FILES", "check_method", "few_labels"]
 
 # what an adapt run writes into its folder: metrics, the target's split record, the training curve, the
 # held-out predictions (with the split's test ids) and the adapted classifier's state (Tent, CoTTA and reset
@@ -44,12 +49,28 @@ def check_method(method: Any) -> registry.Method:
     return m
 
 
+def few_labels(ds: Dataset, k: int, seed: int) -> np.ndarray:
+    """Sorted positions of ``k`` labelled items of each class of ``ds``, drawn without replacement (seeded);
+    a class with fewer than ``k`` labelled items is a one-line DataError."""
+    rng = np.random.default_rng(seed)
+    picked = []
+    for c, name in enumerate(ds.classes):
+        have = np.flatnonzero(ds.y == c)
+        if len(have) < k:
+            raise DataError(f"labelled_per_class {k} is more than the {len(have)} labelled item(s) of class "
+                            f"{name!r} in the training part of the target {ds.name!r}")
+        picked.append(rng.choice(have, size=k, replace=False))
+    return np.sort(np.concatenate(picked))
+
+
 def adapt(model, source: Dataset, target_train: Dataset, target_test: Dataset, *, method: str,
           options: dict | None = None, seed: int = 0, out_dir: str | Path | None = None, split=None,
           progress: bool = False) -> AdaptResult:
     """Adapt ``model`` (a ZooModel) from the labelled ``source`` to the target with ``method``.
 
-    ``target_train`` is used without its labels (DANN trains on it; test-time methods do not use it);
+    ``target_train`` is used without its labels (DANN trains on it; test-time methods do not use it), except
+    the ``labelled_per_class`` items per class of a semi-supervised method (``metrics["target_labels_used"]``:
+    their positions in ``target_train``);
     ``target_test`` is the held-out part: the methods see only its items (test-time methods adapt on them as
     a stream), and its labels, when it has any, only score the predictions (``accuracy``; test-time methods
     also ``source_only_accuracy``, the source model's). ``options`` are the method's options
@@ -76,19 +97,24 @@ def adapt(model, source: Dataset, target_train: Dataset, target_test: Dataset, *
                             f"{source.name!r} has {registry.short(source.classes)}; partial or open-set adaptation "
                             "is not supported")
     source, target_train, target_test = match_images(model, source, target_train, target_test)
+    given, used = unlabelled(target_train), np.zeros(0, dtype=np.int64)
+    if hasattr(opts, "labelled_per_class"):  # semi-supervised: k labels per class of the training part only
+        used = few_labels(target_train, opts.labelled_per_class, seed)
+        given.y[used] = target_train.y[used]
     t0 = time.perf_counter()
     cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=cuda):  # the caller's random state is left as it was
-        fitted = m.fn(model, source, unlabelled(target_train), target_test.X, options=opts, seed=seed,
-                      progress=progress)
+        fitted = m.fn(model, source, given, target_test.X, options=opts, seed=seed, progress=progress)
     seconds = time.perf_counter() - t0
     metrics: dict[str, Any] = {"method": method, "model": model.name, "source": source.name,
                                "target": target_test.name, "seed": seed, "n_source": len(source),
                                "n_target_train": len(target_train), "n_test": len(target_test),
-                               "target_labels_ignored": int(target_train.labelled.sum()),
+                               "target_labels_ignored": int(target_train.labelled.sum()) - len(used),
                                "seconds": round(seconds, 2), **fitted.extra}
+    if hasattr(opts, "labelled_per_class"):
+        metrics["target_labels_used"] = used.tolist()
     has = target_test.labelled
-    if has.any():  # the only use of target labels
+    if has.any():  # the held-out labels' only use
         for name, pred in fitted.predictions.items():
             key = "accuracy" if name == "adapted" else f"{name}_accuracy"
             metrics[key] = float((pred[has] == target_test.y[has]).mean())
