@@ -14,7 +14,8 @@ Each method registers where it lives in the one method registry (stage ``adapt``
 - semi-supervised heterogeneous DA with k target labels per class (of the training part only): ``noise``
   (:mod:`.noise`);
 - label-free model-selection scorers (registry ``kind="scorer"``, usable as engine scorers): ``entropy``,
-  ``snd``, ``transfer_score``, ``iwv``, ``dev`` (:mod:`.scorers`, :func:`.scorers.make_scorer`).
+  ``snd``, ``transfer_score``, ``iwv``, ``dev`` (:mod:`.scorers`, :func:`.scorers.make_scorer`); ``circular``,
+  ``mixval``, ``mano`` (:mod:`.selection`).
 """
 
 from .run import ADAPT_FILES, AdaptResult, adapt, check_method

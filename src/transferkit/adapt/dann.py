@@ -44,7 +44,7 @@ from ._common import STAGE, Fitted, classifier, predict_logits
 __all__ = ["DannOptions", "paper_lambda", "tllib_lambda", "annealed_lr", "DomainDiscriminator", "DANNObjective",
            "run"]
 
-SCORERS = ("entropy", "snd", "transfer_score")
+SCORERS = ("entropy", "snd", "transfer_score", "mixval", "mano")
 
 
 @dataclass

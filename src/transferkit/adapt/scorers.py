@@ -38,7 +38,7 @@ set at once (in batches of ``batch_size``; the value does not depend on it).
 ``iwv`` and ``dev`` need labelled source items next to the target's: ``data`` is then one Dataset holding
 labelled source items and unlabelled target items (:func:`~transferkit.data.combine_domains`, whose target
 labels are -1). The target-only scorers read the unlabelled items of such a Dataset, or every item of any
-other ``data``.
+other ``data``. Circular validation, MixVal and MaNo are in :mod:`.selection`.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ from ._common import STAGE, predict_logits
 
 __all__ = ["prediction_entropy", "soft_neighborhood_density", "hopkins", "mutual_information", "uniformity",
            "transfer_score", "importance_weights", "importance_weighted_accuracy", "dev_risk",
-           "deep_embedded_validation", "Scorer", "make_scorer"]
+           "deep_embedded_validation", "Scorer", "make_scorer", "standardise", "target_items"]
 
 
 def prediction_entropy(probs: torch.Tensor) -> float:
@@ -115,7 +115,8 @@ def transfer_score(features: torch.Tensor, probs: torch.Tensor, weight: torch.Te
     return hopkins(features, fraction, seed) + mutual_information(probs) / math.log(c) - uniformity(weight)
 
 
-def _standardise(*arrays: np.ndarray) -> list[np.ndarray]:
+def standardise(*arrays: np.ndarray) -> list[np.ndarray]:
+    """The arrays minus the pooled column mean, over the pooled column standard deviation (1 where it is 0)."""
     pooled = np.concatenate(arrays)
     mu, sd = pooled.mean(0), pooled.std(0)
     sd[sd == 0] = 1.0
@@ -126,7 +127,7 @@ def importance_weights(source: np.ndarray, target: np.ndarray, bandwidth: float 
     """w_i ∝ p_t(x_i) / p_s(x_i) for the source rows, Gaussian KDEs on standardised features, sum 1."""
     from sklearn.neighbors import KernelDensity
 
-    xs, xt = _standardise(np.asarray(source, np.float64), np.asarray(target, np.float64))
+    xs, xt = standardise(np.asarray(source, np.float64), np.asarray(target, np.float64))
     log_ratio = (KernelDensity(bandwidth=bandwidth).fit(xt).score_samples(xs)
                  - KernelDensity(bandwidth=bandwidth).fit(xs).score_samples(xs))
     w = np.exp(log_ratio - log_ratio.max())
@@ -153,7 +154,7 @@ def deep_embedded_validation(source_feats, source_probs, source_labels, target_f
     """DEV (You et al.) of the source predictions, with a seeded 67/33 split of the source items."""
     from sklearn.linear_model import LogisticRegression
 
-    fs, ft = _standardise(np.asarray(source_feats, np.float64), np.asarray(target_feats, np.float64))
+    fs, ft = standardise(np.asarray(source_feats, np.float64), np.asarray(target_feats, np.float64))
     n = len(fs)
     order = np.random.default_rng(seed).permutation(n)
     fit, val = order[: round(0.67 * n)], order[round(0.67 * n):]
@@ -192,8 +193,9 @@ class DEVOptions:
 class Scorer:
     """An engine scorer: ``scorer(model, data) -> float`` with ``name`` and ``higher_is_better``.
 
-    ``needs``: ``"target"`` (``compute(probs)``), ``"head"`` (``compute(probs, features, head_weight)`` on the
-    target) or ``"source"`` (``compute(source_feats, source_probs, source_labels, target_feats)``).
+    ``needs``: ``"target"`` (``compute(probs)``), ``"logits"`` (``compute(logits)`` on the target), ``"head"``
+    (``compute(probs, features, head_weight)`` on the target), ``"source"`` (``compute(source_feats,
+    source_probs, source_labels, target_feats)``) or ``"domains"`` (the same and ``target_probs``).
     """
 
     def __init__(self, name: str, higher_is_better: bool, compute: Callable[..., float], preprocess,
@@ -203,19 +205,21 @@ class Scorer:
         self.batch_size = batch_size
 
     def __call__(self, model: Any, data: Any) -> float:
-        if self.needs == "source":
+        if self.needs in ("source", "domains"):
             if not isinstance(data, Dataset) or data.labelled.all() or not data.labelled.any():
                 raise ConfigError(f"scorer {self.name!r} needs a Dataset of labelled source and unlabelled target "
                                   "items (transferkit.data.combine_domains)")
             logits, feats = self._run(model, data.X)
             src = data.labelled
-            return self.compute(feats[src].numpy(), logits[src].softmax(-1).numpy(), data.y[src],
-                                feats[~src].numpy())
-        X = _target_items(data)
+            args = (feats[src].numpy(), logits[src].softmax(-1).numpy(), data.y[src], feats[~src].numpy())
+            extra = (logits[~src].softmax(-1).numpy(),) if self.needs == "domains" else ()
+            return self.compute(*args, *extra)
+        X = target_items(data)
         if self.needs == "head":
             logits, feats = self._run(model, X)
             return self.compute(logits.softmax(-1), feats, model.head.weight.detach().cpu())
-        return self.compute(predict_logits(model, X, self.preprocess, self.batch_size).softmax(-1))
+        logits = predict_logits(model, X, self.preprocess, self.batch_size)
+        return self.compute(logits if self.needs == "logits" else logits.softmax(-1))
 
     def _run(self, model: Any, X: Any):
         if not isinstance(getattr(model, "head", None), torch.nn.Linear) or not hasattr(model, "backbone"):
@@ -223,7 +227,7 @@ class Scorer:
         return predict_logits(model, X, self.preprocess, self.batch_size, features=True)
 
 
-def _target_items(data: Any) -> Any:
+def target_items(data: Any) -> Any:
     """The unlabelled items of a Dataset that has some, else all its items (labels unread); raw items as given."""
     if not isinstance(data, Dataset):
         return data

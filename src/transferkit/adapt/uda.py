@@ -72,7 +72,7 @@ from ._common import STAGE, Fitted, classifier, predict_logits
 __all__ = ["UdaOptions", "tsa_threshold", "tsa_cross_entropy", "consistency_loss", "rand_augment", "IMAGE_OPS",
            "word_augment", "synonym_swap", "random_deletion", "random_swap", "lexicon", "UDAObjective", "run"]
 
-SCORERS = ("entropy", "snd", "transfer_score")
+SCORERS = ("entropy", "snd", "transfer_score", "mixval", "mano")
 TSA = ("none", "linear", "log", "exp")
 LEXICON = Path(__file__).with_name("synonyms.yaml")
 
