@@ -25,7 +25,9 @@ CLI = {"rank": "transferkit rank --metrics {name}", "tune": "transferkit tune --
        "merge": "transferkit merge --method {name}", "adapt": "transferkit adapt --method {name}",
        "distill": "transferkit distill --method {name}"}
 # methods of a kind that is not chosen with --method (label-free scorers select an adapted model)
-CLI_BY_KIND = {("adapt", "scorer"): "Python: engine.train(metric=adapt.scorers.make_scorer('{name}', …))"}
+CLI_BY_KIND = {("adapt", "scorer"): "Python: engine.train(metric=adapt.scorers.make_scorer('{name}', …))",
+               ("adapt", "zero-shot"): "Python: adapt.zeroshot.zero_shot(seen_X, seen_y, target_X, seen_classes, "
+                                       "unseen_classes)"}
 
 
 def _cell(text: str) -> str:

@@ -29,6 +29,7 @@ def test_list_shows_methods_and_scorers():
 @pytest.mark.parametrize("args, match", [
     (["--method", "dan"], "did you mean 'dann'"),
     (["--method", "snd"], "is a model-selection scorer"),
+    (["--method", "tmv-zsl"], "is a zero-shot method"),
     (["--test-size", "1.5"], "--test-size must be a fraction"),
     (["--seed", "-1"], "--seed"),
 ])

@@ -11,6 +11,9 @@ Each method registers where it lives in the one method registry (stage ``adapt``
   consistency training (:mod:`.uda`);
 - test-time adaptation on the held-out target stream, online: ``bn``, ``tent``, ``cotta``, ``reset``
   (:mod:`.tta`), ``vida`` (:mod:`.vida`);
+- one-shot-style target mining: ``idm`` informative data mining (:mod:`.idm`);
+- transductive zero-shot recognition of unseen target classes from several semantic views: ``tmv-zsl``
+  (:func:`.zeroshot.zero_shot`, Python only: it does not fit source → target with shared classes);
 - semi-supervised heterogeneous DA with k target labels per class (of the training part only): ``noise``
   (:mod:`.noise`);
 - label-free model-selection scorers (registry ``kind="scorer"``, usable as engine scorers): ``entropy``,

@@ -41,11 +41,15 @@ class AdaptResult:
 
 
 def check_method(method: Any) -> registry.Method:
-    """The registered adapt method ``method``; a scorer or an unknown name is a one-line ConfigError."""
+    """The registered adapt method ``method``; a scorer, a zero-shot method or an unknown name is a one-line
+    ConfigError."""
     m = registry.get(STAGE, method)
-    if m.info.get("kind") == "scorer":
-        methods = [n for n, x in registry.methods(STAGE).items() if x.info.get("kind") != "scorer"]
-        raise ConfigError(f"{method!r} is a model-selection scorer, not an adapt method; methods: {', '.join(methods)}")
+    kind = m.info.get("kind")
+    if kind in ("scorer", "zero-shot"):
+        methods = [n for n, x in registry.methods(STAGE).items() if x.info.get("kind") not in ("scorer", "zero-shot")]
+        what = ("a model-selection scorer" if kind == "scorer"
+                else "a zero-shot method (Python: transferkit.adapt.zeroshot.zero_shot)")
+        raise ConfigError(f"{method!r} is {what}, not an adapt method; methods: {', '.join(methods)}")
     return m
 
 
