@@ -8,11 +8,13 @@ Methods register under the registry stage ``distill`` (``transferkit distill --l
 - :mod:`.kd`: ``kd`` — Hinton et al. 2015, one or several frozen teachers, cached teacher logits;
 - :mod:`.nearest`: ``nearest`` / ``weighted`` — DistillNearest / DistillWeighted, Borup et al. ICCV'23;
 - :mod:`.gains`: ``kl_dp`` and the flip analysis (:func:`flips`) — Fantastic Gains, Roth et al. ICLR'24;
-- :mod:`.ncd`: ``ncd`` — class-relation KD for novel class discovery, Gu et al. ICCV'23 (:func:`cluster_accuracy`).
+- :mod:`.ncd`: ``ncd`` — class-relation KD for novel class discovery, Gu et al. ICCV'23 (:func:`cluster_accuracy`);
+- :mod:`.aspects`: ``aspects`` — multi-aspect KD, Lee et al. CVPRW'25 (offline: a zoo model answers the aspects);
+- :mod:`.robustify`: ``robustify`` — Efficiently Robustify Pre-trained Models, Jain et al. ICCV'23 (three heads).
 
 Teachers and students are catalogue models or ``transferkit tune`` run folders (:func:`load_net`); the
 distilled student is saved as a Delta of its base model, in a folder that loads like a tune run (except
-``ncd``'s: its learner has known and novel heads, and its folder does not load as a teacher).
+``ncd``'s and ``robustify``'s: their learners have several heads, and their folders do not load as teachers).
 """
 
 from ._common import STAGE, DistillResult, Net, distill, load_net
