@@ -10,6 +10,9 @@
   ``sklearn-digits``, ``vader`` (four domains) / ``vader:tweets|movies|amazon|nyt``,
   ``spamassassin``, ``finefood`` — fetched from package registries and cached (see
   :mod:`transferkit.data.builtin` for formats and how labels are derived);
+- ``mnist-c:<corruption>:<severity>`` / ``fashion-mnist-c:<corruption>:<severity>``: MNIST-C /
+  Fashion-MNIST-C, built by the project from the real test items (the 15 Hendrycks & Dietterich corruptions,
+  severity 1..5; :mod:`transferkit.data.corrupt`);
 - a path to an ``.npz`` (``X``, ``y``), a ``.csv``/``.tsv``/``.jsonl``/``.parquet`` table with
   ``text`` and ``label`` columns, or an image folder with one sub-folder per class (see
   :mod:`transferkit.data.files`);

@@ -41,6 +41,12 @@ Names and formats
     fine-food reviews from the R lazy-load database ``data/Rdata.rdb`` (read by :mod:`.rda`).
     Text = ``review``, label = ``score`` (classes ``["great", "other"]``); the package's split is
     kept in ``is_test``.
+``mnist-c:<corruption>:<severity>``, ``fashion-mnist-c:<corruption>:<severity>``
+    MNIST-C / Fashion-MNIST-C: the test items of ``mnist`` (all 10,000) / ``fashion-mnist`` (the official
+    10,000) with one of the 15 corruptions of Hendrycks & Dietterich (ICLR 2019) at severity 1..5, seed 0,
+    e.g. ``fashion-mnist-c:gaussian_noise:5``; built on first use (0.1-5 s on one core; see
+    :mod:`transferkit.data.corrupt`) and cached under ``derived_dir("<base>-c/v<VERSION>/<corruption>-<severity>")``
+    (7.8 MB each). ``builtin_names()`` lists the two patterns, not the 150 names.
 """
 
 from __future__ import annotations
@@ -69,6 +75,7 @@ VADER_DOMAINS = {
 }
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 DIGITS = [str(d) for d in range(10)]
+CORRUPTED = ("mnist-c", "fashion-mnist-c")  # <base>-c:<corruption>:<severity>, see data/corrupt.py
 SPAM_GROUPS = {"easy-ham-1": "ham", "easy-ham-2": "ham", "hard-ham-1": "ham", "spam-1": "spam", "spam-2": "spam"}
 
 
@@ -354,18 +361,26 @@ _LOADERS: dict[str, tuple[str, Callable[[], Dataset]]] = {
 
 
 def builtin_names() -> list[str]:
-    """Every name :func:`load_builtin` accepts."""
-    return sorted([*_LOADERS, "sklearn-digits", *(f"vader:{d}" for d in VADER_DOMAINS)])
+    """Every name :func:`load_builtin` accepts (the corrupted sets as their ``<corruption>:<severity>`` patterns)."""
+    return sorted([*_LOADERS, "sklearn-digits", *(f"vader:{d}" for d in VADER_DOMAINS),
+                   *(f"{c}:<corruption>:<severity>" for c in CORRUPTED)])
 
 
 def is_builtin(name: object) -> bool:
-    return isinstance(name, str) and name in builtin_names()
+    """Whether ``name`` is built in; any ``mnist-c:…``/``fashion-mnist-c:…`` is (a bad one fails to load)."""
+    return isinstance(name, str) and (name in builtin_names() or name.split(":", 1)[0] in CORRUPTED)
 
 
 def load_builtin(name: str) -> Dataset:
     """Load built-in dataset ``name`` in full (fetching and parsing it on first use)."""
     if name == "sklearn-digits":
         return _cached("sklearn-digits", _sklearn_digits)
+    if name.split(":", 1)[0] in CORRUPTED:
+        from .corrupt import VERSION, corrupted_dataset, parse_spec
+
+        base, corruption, severity = parse_spec(name)
+        return _cached(f"{base}-c/v{VERSION}/{corruption}-{severity}",
+                       lambda: corrupted_dataset(base, corruption, severity))
     if name.startswith("vader:"):
         domain = name.split(":", 1)[1]
         if domain not in VADER_DOMAINS:
