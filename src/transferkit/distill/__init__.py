@@ -10,7 +10,10 @@ Methods register under the registry stage ``distill`` (``transferkit distill --l
 - :mod:`.gains`: ``kl_dp`` and the flip analysis (:func:`flips`) — Fantastic Gains, Roth et al. ICLR'24;
 - :mod:`.ncd`: ``ncd`` — class-relation KD for novel class discovery, Gu et al. ICCV'23 (:func:`cluster_accuracy`);
 - :mod:`.aspects`: ``aspects`` — multi-aspect KD, Lee et al. CVPRW'25 (offline: a zoo model answers the aspects);
-- :mod:`.robustify`: ``robustify`` — Efficiently Robustify Pre-trained Models, Jain et al. ICCV'23 (three heads).
+- :mod:`.robustify`: ``robustify`` — Efficiently Robustify Pre-trained Models, Jain et al. ICCV'23 (three heads);
+- :mod:`.n2n`: ``n2n`` — N2N learning, Ashok et al. ICLR'18 (REINFORCE layer removal + shrinkage, KD-trained
+  students) and :mod:`.tas`: ``tas`` — TAS, Dong & Yang NeurIPS'19 (width/depth search to a FLOP target, KD); both
+  derive the student from the teacher's architecture (:mod:`.arch`, which registers nothing).
 
 Teachers and students are catalogue models or ``transferkit tune`` run folders (:func:`load_net`); the
 distilled student is saved as a Delta of its base model, in a folder that loads like a tune run (except

@@ -87,7 +87,7 @@ def _load_run(path: Path, classes: list[str] | None, load: Callable) -> Net:
     delta = Delta.load(path / "delta")
     zoo = load(delta.base)
     requires = delta.meta.get("requires")
-    if requires and not requires.startswith("transferkit.tune."):  # prefix/prompt tuning: needs PEFT to load
+    if requires and not requires.startswith(("transferkit.tune.", "transferkit.distill.")):  # PEFT runs: need PEFT
         raise ModelError(f"{path} is a {delta.meta.get('method', requires)} run, which distill cannot load; "
                          "tune the teacher with another method")
     if requires:
@@ -326,6 +326,8 @@ def distill(teachers: list, student: Any, train_data, test_data, *, method: str 
     delta = from_states(base, dict(module.state_dict()), base_name=student.zoo.name)
     delta.meta.update({"method": f"distill:{method}", "classes": classes, "options": dataclasses.asdict(options),
                        "teachers": metrics["teachers"]})
+    if "architecture" in extra:  # a student with a derived architecture (n2n, tas): its run folder rebuilds it
+        delta.meta.update({"architecture": extra["architecture"], "requires": "transferkit.distill.arch.rebuild_run"})
     if split is not None:
         delta.meta["split"] = split.to_dict()
     if out_dir and is_main_process():
