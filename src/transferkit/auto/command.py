@@ -26,6 +26,9 @@ def auto(
     lr_factors: str = typer.Option("1,0.3333333333,3", "--lr-factors", help="Each method's lr grid: its default "
                                    "lr times these factors."),
     prior: str = typer.Option("logme", help="Transferability metric whose ranking orders the arms."),
+    select_by: Optional[str] = typer.Option(None, "--select-by", help="Judge the rungs and the winner with this "
+                                            "label-free scorer (entropy, snd, transfer_score, mixval, mano) on the "
+                                            "validation items, labels unread, instead of validation accuracy."),
     limit: Optional[int] = typer.Option(None, help="At most this many target samples (stratified)."),
     per_class: Optional[int] = typer.Option(None, "--per-class"),
     test_size: float = typer.Option(0.3, "--test-size", help="Held-out fraction, scored once for the winner."),
@@ -61,7 +64,7 @@ def auto(
                   test_size=test_size, seed=seed)
     with remote_code(trust_remote_code):
         res = search(data, names, budget=budget, eta=eta, prior=prior, out=out, resume=resume, storage=storage,
-                     join=join, progress=say, **common)
+                     join=join, progress=say, select_by=select_by, **common)
         if with_oracle and res.get("winner"):
             res["oracle"] = compare(res, oracle(data, names, progress=say, **common))
             from ..io import write_json
@@ -74,12 +77,13 @@ def auto(
 
 
 def render_auto(res: dict) -> None:
-    rows = [[a["name"], a["state"], f"{a['epochs']:g}", "" if a["val_accuracy"] is None else a["val_accuracy"],
+    metric = res["select_by"]["metric"]
+    rows = [[a["name"], a["state"], f"{a['epochs']:g}", "" if a["val_score"] is None else a["val_score"],
              a["seconds"]] for a in res["arms"]]
-    table("auto: arms in start order", ["arm", "state", "epochs", "val accuracy", "seconds"], rows)
+    table("auto: arms in start order", ["arm", "state", "epochs", f"val {metric}", "seconds"], rows)
     w = res.get("winner")
     if w:
-        typer.echo(f"winner: {w['name']} — validation {w['val_accuracy']:.4f}, test {w['test_accuracy']:.4f} "
+        typer.echo(f"winner: {w['name']} — validation {metric} {w['val_score']:.4f}, test {w['test_accuracy']:.4f} "
                    f"± {w['test_se']:.4f} (n = {w['n_test']}); budget {res['budget']['spent']:g} of "
                    f"{res['budget']['given']:g} {'epochs' if res['budget']['kind'] == 'epochs' else 's'}")
     if res.get("oracle"):

@@ -9,8 +9,8 @@ from ..report.figures import _plt, _png
 _MARK = {"pruned": "x", "budget": "s", "complete": "o"}
 
 
-def plot_trace(rows: list[dict[str, Any]], winner: int | None) -> bytes | None:
-    """PNG: validation accuracy vs epochs per arm (one colour per model; x = pruned at a rung, square =
+def plot_trace(rows: list[dict[str, Any]], winner: int | None, metric: str = "accuracy") -> bytes | None:
+    """PNG: the validation ``metric`` (accuracy, or the ``select_by`` scorer) vs epochs per arm (one colour per model; x = pruned at a rung, square =
     stopped by the budget, circle = finished); the winner is drawn thick. None when no arm trained."""
     trained = [r for r in rows if r["curve"]]
     if not trained:
@@ -30,7 +30,7 @@ def plot_trace(rows: list[dict[str, Any]], winner: int | None) -> bytes | None:
         ax.plot([], [], color=colours[m], label=m)
     ax.set_xscale("log", base=3)
     ax.set_xlabel("epochs trained (log scale; rungs at 1, η, η², …)")
-    ax.set_ylabel("validation accuracy")
+    ax.set_ylabel(f"validation {metric}")
     ax.set_title("auto: search trace (x pruned, ■ budget, ● finished; thick = winner)", fontsize=9)
     ax.legend(fontsize=7, loc="lower right")
     ax.grid(alpha=0.3)

@@ -30,10 +30,10 @@ What it does, in order:
    (:mod:`.budget`; a linear probe's head epochs on cached features cost nothing against an epoch budget,
    its seconds count against a wall-clock one). It is checked at every evaluation: an arm still training
    when the budget runs out stops there ("budget"), and no new arm starts.
-6. **Winner**: the best validation accuracy among the arms that kept their model — those that finished
-   and those the budget stopped (ties: more training, then the earlier arm); pruned arms are discarded. Its
-   Delta (and PEFT folder) is kept in ``arms/<arm>/``; its test accuracy is measured once on the recorded
-   held-out split.
+6. **Winner**: the best validation accuracy (or ``select_by`` score, below) among the arms that kept their
+   model — those that finished and those the budget stopped (ties: more training, then the earlier arm);
+   pruned arms are discarded. Its Delta (and PEFT folder) is kept in ``arms/<arm>/``; its test accuracy is
+   measured once on the recorded held-out split.
 
 Storage, resume and workers. The search is an Optuna study: an embedded SQLite database
 ``OUT/study.db`` by default. Every arm is enqueued once, in prior order, as a trial; a worker takes the
@@ -50,6 +50,17 @@ Related systems: Quick-Tune (Arango et al., ICLR 2024) learns which model and hy
 learning curves of other datasets; zero-shot AutoML (Öztürk et al., ICML 2022) picks a pipeline from
 meta-features. Here the prior is a transferability metric and the allocation is plain successive
 halving — no meta-learned curve model.
+
+Label-free selection. ``select_by`` names a label-free scorer of the ``adapt`` registry (``entropy``,
+``snd``, ``transfer_score``, ``mixval``, ``mano``): every rung judgment and the winner then use that score of
+the arm's model on the validation fifth's items, whose labels are never read (the engine's
+:func:`~transferkit.engine.select_with`), instead of the validation accuracy — for a target with few
+trustworthy labels. The pruner and the winner follow the scorer's ``higher_is_better`` (the study's
+direction). The held-out test accuracy is still measured once for the winner. Refused before any work:
+scorers that need labelled source items (``iwv``, ``dev``, ``circular``), the linear probe (it trains a head
+on cached features, not on the items a scorer is given), ``transfer_score`` with ``lora``/``ia3`` (it reads
+a plain linear head; PEFT wraps it) and ``mixval`` with text models (it mixes float inputs). The setting is
+part of the study's fingerprint: a study is resumed only with the same ``select_by``.
 
 Supported methods: those whose Delta applies to the base classifier (``SUPPORTED``); methods that add
 modules needing their own rebuild (adapters, prefixes, side networks) are refused with a one-line error.
@@ -84,6 +95,7 @@ BASE_LR = {("full", "image"): 1e-3}
 VAL_FRACTION = 0.2
 HEAD_ONLY = ("linear",)  # trains a head on cached features: its own schedule, no cost against an epoch budget
 STUDY = "transferkit-auto"
+PEFT_WRAPPED = ("lora", "ia3")  # the head is PEFT's modules_to_save wrapper, not a plain linear head
 
 
 @dataclass(frozen=True)
@@ -119,6 +131,30 @@ def _methods(methods: Sequence[str] | str) -> list[str]:
     return names
 
 
+def _select_by(name: str | None, methods: Sequence[str]) -> tuple[str, bool] | None:
+    """``(name, higher_is_better)`` of a label-free scorer auto can judge ``methods`` with; None for accuracy."""
+    if name is None:
+        return None
+    from ..adapt.scorers import make_scorer
+
+    found = {n: m for n, m in registry.methods("adapt").items() if m.info.get("kind") == "scorer"}
+    needs = {n: make_scorer(n, None).needs for n in found}
+    usable = [n for n in found if needs[n] not in ("source", "domains")]
+    if name not in found:
+        raise ConfigError(f"unknown scorer {short(name)}{registry.did_you_mean(name, found)}; "
+                          f"auto can select by: {', '.join(usable)}")
+    if name not in usable:
+        raise ConfigError(f"scorer {name!r} needs labelled source items, which auto does not have; "
+                          f"auto can select by: {', '.join(usable)}")
+    if "linear" in methods:
+        raise ConfigError(f"select_by {name!r} cannot judge the linear probe (it trains a head on cached features, "
+                          "not on the items a scorer is given); search methods without linear")
+    if needs[name] == "head" and any(m in PEFT_WRAPPED for m in methods):
+        raise ConfigError(f"select_by {name!r} reads a plain linear head, which {'/'.join(PEFT_WRAPPED)} wrap; "
+                          "search methods without them")
+    return name, bool(found[name].info["higher_is_better"])
+
+
 def _lr_factors(factors: Sequence[float] | str) -> list[float]:
     try:
         vals = [float(f) for f in (factors.split(",") if isinstance(factors, str) else factors)]
@@ -152,7 +188,7 @@ def _fingerprint(**parts: Any) -> str:
 
 
 def _open_study(storage: str, fingerprint: str, arms: list[Arm], eta: int, *, resume: bool, join: bool,
-                fresh_db: bool):
+                fresh_db: bool, maximize: bool = True):
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -171,7 +207,8 @@ def _open_study(storage: str, fingerprint: str, arms: list[Arm], eta: int, *, re
         raise ConfigError(f"no auto search to join in {storage}; start the first worker without --join")
     if resume:
         raise ConfigError(f"nothing to resume in {storage}; run without --resume")
-    study = optuna.create_study(study_name=STUDY, storage=storage, direction="maximize", pruner=pruner)
+    study = optuna.create_study(study_name=STUDY, storage=storage, direction="maximize" if maximize else "minimize",
+                                pruner=pruner)
     study.set_user_attr("fingerprint", fingerprint)
     for arm in arms:
         study.enqueue_trial({"arm": arm.index})
@@ -196,7 +233,7 @@ def search(data: Any, models: Sequence[str] | str, *, methods: Sequence[str] | s
            model_options: dict[str, dict[str, Any]] | None = None, out: str | Path | None = None,
            resume: bool = False, storage: str | None = None, join: bool = False,
            progress: Callable[[str], None] | None = None, dataset: Any = None,
-           split: tuple | None = None) -> dict[str, Any]:
+           split: tuple | None = None, select_by: str | None = None) -> dict[str, Any]:
     """Search model × method × lr for ``data`` within ``budget``; see the module docstring.
 
     Returns a JSON-able dict: ``winner`` (arm, validation and test accuracy, epochs), ``arms`` (every arm:
@@ -204,7 +241,9 @@ def search(data: Any, models: Sequence[str] | str, *, methods: Sequence[str] | s
     the search goes on) | ``waiting``, the epochs it reached and its
     validation curve), ``prior`` (metric scores and order), ``budget`` (given and spent), ``split``.
     ``dataset``: the already loaded target (then ``data`` only labels it); ``split``: its recorded
-    ``(train, test, Split)`` (a pipeline's), used as is instead of splitting.
+    ``(train, test, Split)`` (a pipeline's), used as is instead of splitting. ``select_by``: a label-free
+    scorer that judges the arms instead of the validation accuracy (module docstring); the rows' and the
+    winner's ``val_score`` is then its value and their ``val_accuracy`` None.
     """
     from ..data.split import make_split, write_split
     from ..rank.runner import rank_models
@@ -212,6 +251,7 @@ def search(data: Any, models: Sequence[str] | str, *, methods: Sequence[str] | s
 
     say = progress or (lambda line: None)
     methods = _methods(methods)
+    selection = _select_by(select_by, methods)
     factors = _lr_factors(lr_factors)
     budget = parse_budget(budget)
     if isinstance(epochs, bool) or not isinstance(epochs, int) or not 1 <= epochs <= 1000:
@@ -232,6 +272,8 @@ def search(data: Any, models: Sequence[str] | str, *, methods: Sequence[str] | s
     train, test, split = split or make_split(data, limit=limit, per_class=per_class, sample_seed=seed, seed=seed,
                                              test_size=test_size, dataset=dataset)
     zms = {n: load_model(n, **opts.get(n, {})) for n in names}
+    if select_by == "mixval" and any(zm.modality == "text" for zm in zms.values()):
+        raise ConfigError("select_by 'mixval' mixes float inputs and cannot judge text models; choose another scorer")
     scores: dict[str, Any] = {n: None for n in names}
     if prior == "learned":  # the metrics it combines, then the learned weights (transferkit.rank.learned)
         from ..rank.learned import learned_scores, needed_metrics
@@ -257,7 +299,8 @@ def search(data: Any, models: Sequence[str] | str, *, methods: Sequence[str] | s
     rank_seconds = time.perf_counter() - t_start
 
     fp = _fingerprint(split=split.to_dict(), arms=[asdict(a) for a in arms], epochs=epochs, eta=eta,
-                      budget=asdict(budget), seed=seed, prior=prior, val_fraction=VAL_FRACTION, options=opts)
+                      budget=asdict(budget), seed=seed, prior=prior, val_fraction=VAL_FRACTION, options=opts,
+                      **({"select_by": select_by} if selection else {}))  # absent: older studies still resume
     fresh_db = False
     if storage is None:
         if out is None:
@@ -270,13 +313,14 @@ def search(data: Any, models: Sequence[str] | str, *, methods: Sequence[str] | s
         out.mkdir(parents=True, exist_ok=True)
         if not join:
             write_split(out, split)
-    study = _open_study(storage, fp, arms, eta, resume=resume, join=join, fresh_db=fresh_db)
+    study = _open_study(storage, fp, arms, eta, resume=resume, join=join, fresh_db=fresh_db,
+                        maximize=selection is None or selection[1])
     if not join and "rank_seconds" not in study.user_attrs:
         study.set_user_attr("rank_seconds", rank_seconds)
     if budget.kind == "seconds" and _spent(study, budget) >= budget.amount:
         raise ConfigError(f"a budget of {budget} is used up by the ranking alone ({rank_seconds:.0f} s); give more")
 
-    runner = _ArmRunner(study, arms, zms, train, budget, epochs, out, seed, say)
+    runner = _ArmRunner(study, arms, zms, train, budget, epochs, out, seed, say, select_by)
     if resume:
         import optuna
 
@@ -293,7 +337,7 @@ def search(data: Any, models: Sequence[str] | str, *, methods: Sequence[str] | s
     if runner.trained == 0 and not _finished_any(study):
         raise ConfigError(f"a budget of {budget} is too small to train one arm for one epoch; give more")
     return _result(study, arms, zms, test, split, scores, order, prior, budget, out, storage, say,
-                   deltas=runner.deltas, seconds=time.perf_counter() - t_start)
+                   selection=selection, deltas=runner.deltas, seconds=time.perf_counter() - t_start)
 
 
 def _finite(v: Any) -> bool:
@@ -320,8 +364,8 @@ class _ArmRunner:
     """Trains one arm (an Optuna trial) through ``transferkit.tune`` with the pruning and budget watcher."""
 
     def __init__(self, study, arms, zms, train, budget: Budget, epochs: int, out: Path | None, seed: int,
-                 say: Callable[[str], None]) -> None:
-        self.study, self.arms, self.zms, self.train = study, arms, zms, train
+                 say: Callable[[str], None], select_by: str | None = None) -> None:
+        self.study, self.arms, self.zms, self.train, self.select_by = study, arms, zms, train, select_by
         self.budget, self.epochs, self.out, self.seed, self.say = budget, epochs, out, seed, say
         self.trained = 0
         self.deltas: dict[int, Any] = {}  # without an out folder, the deltas that may win stay in memory
@@ -329,7 +373,10 @@ class _ArmRunner:
     def run(self, trial) -> None:
         import optuna
 
-        from ..engine import TrainingDiverged, watch
+        from contextlib import nullcontext
+
+        from ..adapt.scorers import make_scorer
+        from ..engine import TrainingDiverged, select_with, watch
         from ..tune import tune
 
         arm = self.arms[trial.suggest_categorical("arm", list(range(len(self.arms))))]
@@ -377,8 +424,10 @@ class _ArmRunner:
             shutil.rmtree(arm_dir)  # a half-written arm of a killed run (ours): trained again from its start
         config = {"lr": arm.lr, "epochs": arm_epochs, "seed": self.seed}
         self.say(f"arm {arm.index + 1}/{len(self.arms)}: {arm.name}")
+        selecting = nullcontext() if self.select_by is None else select_with(
+            make_scorer(self.select_by, self.zms[arm.model].preprocess, seed=self.seed))
         try:
-            with watch(watcher):
+            with watch(watcher), selecting:
                 res = tune(self.zms[arm.model], self.train, None, method=arm.method, config=config,
                            out_dir=arm_dir, val_fraction=VAL_FRACTION, progress=False)
         except TrainingDiverged as exc:  # an lr too large for this arm: the arm ends, the search goes on
@@ -400,7 +449,7 @@ class _ArmRunner:
             else:
                 self.study.tell(trial, last)
         self.say(f"  {arm.name}: {state['stop'] or 'complete'} after {state['epochs']:g} epochs, "
-                 f"validation accuracy {last:.4f}")
+                 f"validation {self.select_by or 'accuracy'} {last:.4f}")
 
 
 def arm_schedule(method: str, epochs: int) -> int:
@@ -415,7 +464,7 @@ def arm_cost(method: str, epochs_trained: float) -> float:
     return 0.0 if method in HEAD_ONLY else float(epochs_trained)
 
 
-def _arm_rows(study, arms: list[Arm]) -> list[dict[str, Any]]:
+def _arm_rows(study, arms: list[Arm], by_accuracy: bool = True) -> list[dict[str, Any]]:
     by_arm: dict[int, Any] = {}
     for t in study.get_trials(deepcopy=False):
         if "arm" in t.params and t.state.name != "FAIL":
@@ -432,21 +481,26 @@ def _arm_rows(study, arms: list[Arm]) -> list[dict[str, Any]]:
                      "epochs": float(t.user_attrs.get("epochs", 0.0)) if t is not None else 0.0,
                      "cost": float(t.user_attrs.get("cost", 0.0)) if t is not None else 0.0,
                      "seconds": round(float(t.user_attrs.get("seconds", 0.0)), 3) if t is not None else 0.0,
-                     "val_accuracy": curve[-1][1] if curve else None, "curve": curve, "slug": arm.slug})
+                     "val_score": curve[-1][1] if curve else None,
+                     "val_accuracy": curve[-1][1] if curve and by_accuracy else None, "curve": curve,
+                     "slug": arm.slug})
     return rows
 
 
 def _result(study, arms, zms, test, split, scores, order, prior, budget: Budget, out: Path | None, storage: str,
-            say, *, deltas: dict[int, Any], seconds: float) -> dict[str, Any]:
+            say, *, deltas: dict[int, Any], seconds: float, selection: tuple[str, bool] | None = None
+            ) -> dict[str, Any]:
     from ..io import atomic_path, write_json
 
-    rows = _arm_rows(study, arms)
+    metric, higher = selection or ("accuracy", True)
+    rows = _arm_rows(study, arms, by_accuracy=selection is None)
     running = [r for r in rows if r["state"] == "running"]
-    done = [r for r in rows if r["state"] in ("complete", "budget") and r["val_accuracy"] is not None]
+    done = [r for r in rows if r["state"] in ("complete", "budget") and _finite(r["val_score"])]
     result: dict[str, Any] = {
         "data": split.data, "split": {"n_train": split.n - len(split.test_ids), "n_test": len(split.test_ids),
                                       "test_sha256": split.to_dict().get("test_sha256")},
         "prior": {"metric": prior, "scores": scores, "order": order},
+        "select_by": {"metric": metric, "higher_is_better": higher},
         "budget": {"kind": budget.kind, "given": budget.amount, "spent": round(_spent(study, budget), 3)},
         "storage": storage, "arms": rows, "seconds": round(seconds, 3),
     }
@@ -456,16 +510,17 @@ def _result(study, arms, zms, test, split, scores, order, prior, budget: Budget,
         return result
     if not done:
         raise ConfigError(f"no arm trained long enough to choose one within {budget}; give a larger budget")
-    best = max(done, key=lambda r: (r["val_accuracy"], r["state"] == "complete", r["epochs"], -r["arm"]))
+    sign = 1.0 if higher else -1.0
+    best = max(done, key=lambda r: (sign * r["val_score"], r["state"] == "complete", r["epochs"], -r["arm"]))
     arm = arms[best["arm"]]
     delta = _winner_delta(arm, out, deltas)
     test_acc = evaluate_delta(zms[arm.model], delta, test)
     result["winner"] = {**{k: best[k] for k in ("arm", "name", "model", "method", "lr", "epochs", "state",
-                                                 "val_accuracy")},
+                                                 "val_score", "val_accuracy")},
                         "test_accuracy": test_acc, "n_test": len(test),
                         "test_se": math.sqrt(max(test_acc * (1 - test_acc), 0.0) / max(len(test), 1)),
                         "folder": str(out / "arms" / arm.slug) if out is not None else None}
-    say(f"auto chose {arm.name}: validation {best['val_accuracy']:.4f}, test {test_acc:.4f} "
+    say(f"auto chose {arm.name}: validation {metric} {best['val_score']:.4f}, test {test_acc:.4f} "
         f"(n = {len(test)}), {result['budget']['spent']:.1f} of {budget.amount:g} "
         f"{'epochs' if budget.kind == 'epochs' else 's'}")
     if out is not None:
@@ -475,7 +530,7 @@ def _result(study, arms, zms, test, split, scores, order, prior, budget: Budget,
         write_json(out / "auto.json", result)
         from .figures import plot_trace
 
-        png = plot_trace(rows, best["arm"])
+        png = plot_trace(rows, best["arm"], result["select_by"]["metric"])
         if png is not None:
             with atomic_path(out / "trace.png") as tmp:
                 tmp.write_bytes(png)

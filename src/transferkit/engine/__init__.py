@@ -9,7 +9,7 @@ See :mod:`transferkit.engine.loop` for determinism, resume and multi-process lau
 
 from .checkpoint import latest_checkpoint, list_checkpoints
 from .config import TrainConfig, TrainingDiverged, TrainResult
-from .loop import evaluate, is_main_process, lr_factor, train, watch, world_size
+from .loop import evaluate, is_main_process, lr_factor, select_with, train, watch, world_size
 from .objectives import (
     CrossEntropy,
     GradientReversal,
@@ -29,6 +29,7 @@ __all__ = [
     "TrainResult",
     "train",
     "watch",
+    "select_with",
     "evaluate",
     "lr_factor",
     "is_main_process",

@@ -38,6 +38,13 @@ a progress bar. ``batch_size`` is per process: the effective batch is
 (``accelerate launch --cpu --num_processes 2`` starts a single process; use torchrun on CPU.)
 Checkpoints assume all processes see the same file system (one node or a shared disk).
 
+Hooks for callers
+-----------------
+Two context managers for callers that train through a library function they do not own: inside
+:func:`watch` every validation evaluation calls a function (which may end the run); inside
+:func:`select_with` a run left on the default ``metric="accuracy"`` selects with a scorer instead, on
+its validation items with the labels dropped (``auto --select-by``).
+
 Examples
 --------
 >>> from transferkit.engine import train, TrainConfig, CrossEntropy
@@ -71,7 +78,8 @@ from .data import _ArrayData, _as_dataset, _streams, _to_batch, _collate_for, _m
 from .objectives import CrossEntropy, forward
 from .optim import _build_optimizer, _lr_groups, _select_trainable, lr_factor
 
-__all__ = ["TrainConfig", "TrainResult", "TrainingDiverged", "train", "evaluate", "lr_factor", "watch"]
+__all__ = ["TrainConfig", "TrainResult", "TrainingDiverged", "train", "evaluate", "lr_factor", "watch",
+           "select_with"]
 
 _WATCHERS: contextvars.ContextVar[tuple[Callable[..., Any], ...]] = contextvars.ContextVar("watchers", default=())
 
@@ -87,6 +95,38 @@ def watch(fn: Callable[[int, int, float, dict[str, Any]], Any]) -> Iterator[None
         yield
     finally:
         _WATCHERS.reset(token)
+
+
+_SELECTOR: contextvars.ContextVar[Any] = contextvars.ContextVar("selector", default=None)
+
+
+@contextlib.contextmanager
+def select_with(scorer: Any) -> Iterator[None]:
+    """Inside the block, a :func:`train` run left on the default ``metric="accuracy"`` selects with ``scorer``
+    instead (best step, early stopping, the ``value`` its :func:`watch` watchers see), given only the items of
+    its validation data, labels dropped: ``X`` of ``(X, y)``, ``inputs`` of ``{"inputs": X, "labels": y}``,
+    ``.X`` of anything else (a Dataset, the tune methods' ``Pairs``). For callers that drive training through
+    a library function they do not own (``auto --select-by`` judges arms with a label-free scorer)."""
+    if isinstance(scorer, str) or _check_metric(scorer) is None:
+        raise ConfigError(f"select_with needs a scorer object (name, higher_is_better, scorer(model, items)), "
+                          f"got {scorer!r}")
+    token = _SELECTOR.set(scorer)
+    try:
+        yield
+    finally:
+        _SELECTOR.reset(token)
+
+
+def _items_only(data: Any) -> Any:
+    """The items of labelled validation data, without its labels (for :func:`select_with`)."""
+    if isinstance(data, Mapping) and "inputs" in data:
+        return data["inputs"]
+    if isinstance(data, tuple) and len(data) == 2:
+        return data[0]
+    if hasattr(data, "X"):
+        return data.X
+    raise ConfigError(f"select_with cannot drop the labels of validation data of type {type(data).__name__}; "
+                      "give (X, y), {'inputs': X, 'labels': y} or a Dataset with .X")
 
 log = logging.getLogger("transferkit.engine")
 
@@ -320,7 +360,8 @@ def train(model: nn.Module, train_data: Any, objective: Any = None, config: Trai
         ``nn.Module`` objective are always optimised (its declared ``frozen`` parts never).
     metric : validation metric for model selection: ``accuracy`` (higher is better), ``loss``, or a
         scorer ``scorer(model, val_data) -> float`` with attributes ``name`` and ``higher_is_better``
-        (see :mod:`.objectives`, "Model selection"); it may be label-free.
+        (see :mod:`.objectives`, "Model selection"); it may be label-free. Inside a :func:`select_with`
+        block the default ``accuracy`` becomes that block's scorer, given the validation items only.
     accelerator : an existing ``accelerate.Accelerator`` (default: one made from the config).
 
     Returns
@@ -328,6 +369,8 @@ def train(model: nn.Module, train_data: Any, objective: Any = None, config: Trai
     TrainResult
     """
     config = _coerce_config(config)
+    if _SELECTOR.get() is not None and isinstance(metric, str) and metric == "accuracy" and val_data is not None:
+        metric, val_data = _SELECTOR.get(), _items_only(val_data)  # see select_with: the labels stay unread
     scorer = _check_metric(metric)
     if resume and out_dir is None:
         raise ConfigError("resume=True needs an out_dir holding checkpoints")

@@ -12,6 +12,7 @@ how close the winner came. YAML::
       eta: 3
       lr_factors: [1, 0.333, 3]
       prior: logme                    # any per-model metric, learned, or none
+      select_by: entropy              # judge arms with a label-free scorer (default: validation accuracy)
       oracle: false
 """
 
@@ -25,7 +26,7 @@ from ...errors import ConfigError
 from ..config import boolean, check_keys, integer, mapping, slug, string, string_list
 from ..stage import Stage, register_stage
 
-_KEYS = ("models", "methods", "budget", "epochs", "eta", "lr_factors", "prior", "oracle")
+_KEYS = ("models", "methods", "budget", "epochs", "eta", "lr_factors", "prior", "select_by", "oracle")
 
 
 @dataclass
@@ -37,6 +38,7 @@ class AutoSpec:
     eta: int = 3
     lr_factors: list[float] = field(default_factory=lambda: [1.0, 1 / 3, 3.0])
     prior: str = "logme"
+    select_by: str | None = None  # a label-free scorer instead of validation accuracy
     oracle: bool = False
 
 
@@ -49,7 +51,7 @@ class AutoStage(Stage):
         if raw is None or raw is False:
             return None
         from ...auto.budget import parse_budget
-        from ...auto.search import _lr_factors, _methods
+        from ...auto.search import _lr_factors, _methods, _select_by
 
         raw = {} if raw is True else mapping(raw, "auto")
         check_keys(raw, _KEYS, "auto")
@@ -62,6 +64,8 @@ class AutoStage(Stage):
                                   f"({', '.join(cfg.models)})")
         if "methods" in raw:
             spec.methods = string_list(raw["methods"], "auto.methods")
+        if raw.get("select_by") is not None:
+            spec.select_by = string(raw["select_by"], "auto.select_by")
         try:
             _methods(spec.methods)
             if "budget" in raw:
@@ -69,6 +73,7 @@ class AutoStage(Stage):
             parse_budget(spec.budget)
             if "lr_factors" in raw:
                 spec.lr_factors = _lr_factors(raw["lr_factors"])
+            _select_by(spec.select_by, spec.methods)
         except ConfigError as e:
             raise ConfigError(f"auto: {e}") from None
         spec.epochs = integer(raw.get("epochs", spec.epochs), "auto.epochs", optional=False)
@@ -78,7 +83,10 @@ class AutoStage(Stage):
         return spec
 
     def dump(self, spec: AutoSpec | None) -> dict | None:
-        return asdict(spec) if spec else None
+        if not spec:
+            return None
+        # select_by only when set, so configs without it keep their fingerprint
+        return {k: v for k, v in asdict(spec).items() if k != "select_by" or v is not None}
 
     def run(self, run) -> dict:
         spec: AutoSpec | None = run.cfg.section("auto")
@@ -97,7 +105,9 @@ class AutoStage(Stage):
             if not w:
                 text.append(f"{rec['target']}: no winner ({rec.get('note', 'nothing trained')}).")
                 continue
-            line = (f"{rec['target']}: auto chose {w['name']} — validation {w['val_accuracy']:.3f} (predicted), "
+            sel = rec.get("select_by") or {"metric": "accuracy", "higher_is_better": True}  # older results
+            metric = sel["metric"]
+            line = (f"{rec['target']}: auto chose {w['name']} — validation {metric} {_score(w):.3f} (predicted), "
                     f"test {w['test_accuracy']:.3f} ± {w['test_se']:.3f} (measured, n = {w['n_test']}); budget "
                     f"{rec['budget']['spent']:g} of {rec['budget']['given']:g} "
                     f"{'epochs' if rec['budget']['kind'] == 'epochs' else 's'}.")
@@ -106,24 +116,29 @@ class AutoStage(Stage):
                                 f"search — {len(rec['arms'])} arms — trained to the end).")
             text.append(line)
             best_val: dict[str, float] = {}
+            pick = max if sel["higher_is_better"] else min
             for a in rec["arms"]:
-                if a["val_accuracy"] is not None:
-                    best_val[a["model"]] = max(best_val.get(a["model"], 0.0), a["val_accuracy"])
+                if _score(a) is not None:
+                    best_val[a["model"]] = pick(best_val.get(a["model"], _score(a)), _score(a))
             prior = rec["prior"]
             tables.append({"caption": f"{rec['target']}: the prior ({prior['metric']}) against what the search "
-                                      "measured (best validation accuracy of the model's arms)",
-                           "header": ["prior rank", "model", prior["metric"], "best validation accuracy"],
+                                      f"measured (best validation {metric} of the model's arms)",
+                           "header": ["prior rank", "model", prior["metric"], f"best validation {metric}"],
                            "rows": [[i + 1, m, _fmt(prior["scores"].get(m)), _fmt(best_val.get(m))]
                                     for i, m in enumerate(prior["order"])]})
             tables.append({"caption": f"{rec['target']}: arms in start order",
-                           "header": ["arm", "state", "epochs", "validation accuracy", "seconds"],
-                           "rows": [[a["name"], a["state"], f"{a['epochs']:g}", _fmt(a["val_accuracy"]),
+                           "header": ["arm", "state", "epochs", f"validation {metric}", "seconds"],
+                           "rows": [[a["name"], a["state"], f"{a['epochs']:g}", _fmt(_score(a)),
                                      f"{a['seconds']:.1f}"] for a in rec["arms"]]})
             png = run_png(rec)
             if png:
                 figures.append(figure(f"auto-{slug(rec['target'])}.png", png))
         return {"title": "Auto: model × method within a budget", "headline": headline, "text": text, "tables": tables,
                 "figures": [f for f in figures if f]}
+
+
+def _score(a: dict) -> float | None:
+    return a.get("val_score", a.get("val_accuracy"))  # results written before select_by have no val_score
 
 
 def _fmt(v: Any) -> str:
@@ -133,7 +148,8 @@ def _fmt(v: Any) -> str:
 def run_png(rec: dict) -> bytes | None:
     from ...auto.figures import plot_trace
 
-    return plot_trace(rec["arms"], (rec.get("winner") or {}).get("arm"))
+    return plot_trace(rec["arms"], (rec.get("winner") or {}).get("arm"),
+                      (rec.get("select_by") or {}).get("metric", "accuracy"))
 
 
 def _search(run, spec: AutoSpec, target) -> dict:
@@ -150,7 +166,8 @@ def _search(run, spec: AutoSpec, target) -> dict:
                   model_options=cfg.model_options, split=split)
     models = spec.models or list(cfg.models)
     res = search(target.name, models, budget=spec.budget, eta=spec.eta, prior=spec.prior, out=out,
-                 resume=run.resume and (out / "study.db").is_file(), progress=run.progress.line, **common)
+                 resume=run.resume and (out / "study.db").is_file(), progress=run.progress.line,
+                 select_by=spec.select_by, **common)
     if spec.oracle and res.get("winner"):
         res["oracle"] = compare(res, oracle(target.name, models, progress=run.progress.line, **common))
     rec = {"target": target.name, **res}
