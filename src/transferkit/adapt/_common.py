@@ -1,4 +1,13 @@
-"""Pieces shared by the adapt methods: the model being adapted, batches of raw items, prediction."""
+"""Pieces shared by the adapt methods: the model being adapted, batches of raw items, prediction.
+
+The training methods (DANN, ParetoDA, UDA) share :class:`BackboneOptions`: ``freeze_backbone`` keeps the
+pre-trained backbone fixed (eval mode, no gradient; its parameters and BatchNorm buffers end as they began) and
+``bottleneck`` puts a trainable Linear → BatchNorm1d → ReLU of that width between the backbone and the head
+(tllib's and DANN's bottleneck: what a domain discriminator reads). :func:`adapted_classifier` builds the module
+they adapt; :func:`training_inputs` lets a method that does not augment its inputs train the bottleneck + head
+on the frozen backbone's features, computed once per item for the run, instead of running the backbone on
+every step. The module handed back always predicts raw items (backbone → bottleneck → head).
+"""
 
 from __future__ import annotations
 
@@ -16,12 +25,12 @@ from ..engine import CrossEntropy, TrainConfig, train
 from ..errors import ConfigError, DataError
 from ..registry import option
 from ..tune._common import Pairs, make_collate
-from ..zoo.base import Classifier, head_seed
+from ..zoo.base import Classifier, head_seed, new_head
 
 STAGE = "adapt"
 
-__all__ = ["STAGE", "Fitted", "SourceOptions", "classifier", "source_model", "predict_logits", "unlabelled",
-           "match_images"]
+__all__ = ["STAGE", "Fitted", "SourceOptions", "BackboneOptions", "FrozenBackbone", "FeatureClassifier", "classifier",
+           "adapted_classifier", "training_inputs", "source_model", "predict_logits", "unlabelled", "match_images"]
 
 
 @dataclass
@@ -57,6 +66,86 @@ def classifier(model, classes: list[str], seed: int) -> Classifier:
     for p in clf.parameters():
         p.requires_grad_(True)
     return clf
+
+
+@dataclass
+class BackboneOptions:
+    """What a training method trains: the whole model (default), or a bottleneck + head on a frozen backbone."""
+
+    freeze_backbone: bool = option(False, help="keep the backbone fixed (eval mode, no gradient): only the "
+                                   "bottleneck and the head train; without input augmentation the backbone's "
+                                   "features are computed once per item")
+    bottleneck: int | None = option(None, low=1, help="width of a trainable Linear → BatchNorm1d → ReLU between "
+                                    "the backbone and the head (null: none)")
+
+
+class FrozenBackbone(nn.Module):
+    """``backbone`` kept in eval mode, whatever ``train()`` is asked, and run without gradients."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.module = backbone.requires_grad_(False).eval()
+
+    def train(self, mode: bool = True) -> FrozenBackbone:
+        super().train(mode)
+        self.module.eval()
+        return self
+
+    def forward(self, inputs: Any) -> torch.Tensor:
+        with torch.no_grad():
+            return self.module(inputs)
+
+
+class FeatureClassifier(nn.Module):
+    """``backbone`` (here: the bottleneck, or nothing) and ``head`` on feature tensors."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(inputs))
+
+
+def adapted_classifier(model, classes: list[str], options: BackboneOptions, seed: int) -> Classifier:
+    """The module a training method adapts: :func:`classifier`, then with ``freeze_backbone`` its backbone
+    wrapped in :class:`FrozenBackbone`, and with ``bottleneck`` = w its ``backbone`` becomes
+    ``Sequential(backbone, Sequential(Linear(D, w), BatchNorm1d(w), ReLU()))`` (start seeded by ``seed``) and its
+    head a new Linear(w, classes) seeded by :func:`~transferkit.zoo.head_seed`. A frozen backbone is always the
+    first element of a ``Sequential`` backbone. With both options off this is :func:`classifier` unchanged."""
+    clf = classifier(model, classes, seed)
+    parts = [FrozenBackbone(clf.backbone)] if options.freeze_backbone else [clf.backbone]
+    if options.bottleneck is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            parts.append(nn.Sequential(nn.Linear(model.feature_dim, options.bottleneck),
+                                       nn.BatchNorm1d(options.bottleneck), nn.ReLU()))
+        clf.head = new_head(options.bottleneck, len(classes), head_seed(seed, classes))
+    if len(parts) > 1 or options.freeze_backbone:
+        clf.backbone = nn.Sequential(*parts)
+    return clf
+
+
+def feature_dim(model, options: BackboneOptions) -> int:
+    """The width of what the head (and a domain discriminator) reads."""
+    return options.bottleneck if options.bottleneck is not None else model.feature_dim
+
+
+def training_inputs(clf: Classifier, preprocess, parts: dict[str, Any], cache: bool = True
+                    ) -> tuple[nn.Module, dict[str, Any], Any]:
+    """``(module, {name: X}, preprocess)`` to train on, for raw item collections ``parts``.
+
+    When ``clf``'s backbone is frozen (:func:`adapted_classifier`) and ``cache``: the frozen backbone's features
+    of every item, computed here once (eval mode, batches of 256, float32, kept in memory for the run), a
+    :class:`FeatureClassifier` sharing ``clf``'s bottleneck and head, and ``torch.as_tensor``; training it
+    trains ``clf``. Otherwise ``(clf, parts, preprocess)``: the raw items, the backbone run on every step."""
+    frozen = isinstance(clf.backbone, nn.Sequential) and isinstance(clf.backbone[0], FrozenBackbone)
+    if not (frozen and cache):
+        return clf, dict(parts), preprocess
+    tail = FeatureClassifier(nn.Sequential(*list(clf.backbone)[1:]), clf.head)
+    probe = FeatureClassifier(clf.backbone[0], nn.Identity())
+    feats = {name: predict_logits(probe, X, preprocess, features=True)[1].numpy() for name, X in parts.items()}
+    return tail, feats, torch.as_tensor
 
 
 def has_source_head(model, classes: list[str]) -> bool:

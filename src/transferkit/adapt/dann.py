@@ -22,6 +22,14 @@ with mixed-domain statistics and their running estimates are those of the mixtur
 matrices (tllib's), no gradient clipping. An epoch is one pass over the source; the target cycles. The
 paper picks checkpoints with target labels; here ``select_by`` picks the best evaluation by a label-free
 scorer (:mod:`.scorers`) on the unlabelled target training items, or the last step when unset.
+
+Frozen backbone (:class:`~._common.BackboneOptions`): ``freeze_backbone`` keeps the pre-trained backbone fixed
+and trains only ``bottleneck`` (Linear → BatchNorm1d → ReLU of that width; the discriminator reads its output,
+as in tllib and the paper's bottleneck) and the head; it needs a bottleneck (a fixed backbone gives the
+adversarial loss nothing to move). DANN augments nothing, so the backbone's features of every source and
+target item are computed once at the start and the run trains on them (:func:`~._common.training_inputs`;
+``run(..., cache_features=False)`` runs the frozen backbone on every step instead, same result to float
+rounding when the two domains' inputs have the same shape). The returned module predicts raw items.
 """
 
 from __future__ import annotations
@@ -37,18 +45,20 @@ from torch import nn
 from .. import registry
 from ..data.dataset import combine_domains
 from ..engine import GradientReversal, Objective, TrainConfig, train
+from ..errors import ConfigError
 from ..registry import option
 from ..tune._common import Pairs, make_collate
-from ._common import STAGE, Fitted, classifier, predict_logits
+from ._common import (STAGE, BackboneOptions, Fitted, adapted_classifier, feature_dim, predict_logits,
+                      training_inputs)
 
 __all__ = ["DannOptions", "paper_lambda", "tllib_lambda", "annealed_lr", "DomainDiscriminator", "DANNObjective",
-           "run"]
+           "check_frozen", "run"]
 
 SCORERS = ("entropy", "snd", "transfer_score", "mixval", "mano")
 
 
 @dataclass
-class DannOptions:
+class DannOptions(BackboneOptions):
     epochs: int = option(5, low=1, help="passes over the labelled source")
     batch_size: int = option(64, low=2, help="items per domain per step (source and target each)")
     lr: float = option(0.01, low=0.0, low_open=True, help="μ0 of the annealed lr (SGD)")
@@ -137,24 +147,35 @@ class DANNObjective(Objective):
                                                       "lambda": self.grl.lambda_, "domain_accuracy": dom_acc}
 
 
+def check_frozen(options: DannOptions, method: str) -> None:
+    """A frozen backbone without a bottleneck leaves the adversarial loss nothing to train: a ConfigError."""
+    if options.freeze_backbone and options.bottleneck is None:
+        raise ConfigError(f"freeze_backbone needs a bottleneck for {method}: the domain loss moves the features "
+                          "only through trainable layers before the head (e.g. bottleneck: 256)")
+
+
 def run(model, source, target_train, target_test_X, *, options: DannOptions, seed: int, progress: bool = False,
-        **_) -> Fitted:
-    """Train ``model`` (a ZooModel) with DANN on labelled ``source`` + unlabelled ``target_train``."""
+        cache_features: bool = True, **_) -> Fitted:
+    """Train ``model`` (a ZooModel) with DANN on labelled ``source`` + unlabelled ``target_train``; with a frozen
+    backbone, on its features computed once (``cache_features``) or on raw items."""
     from .scorers import make_scorer
 
-    clf = classifier(model, source.classes, seed)
+    check_frozen(options, "dann")
+    clf = adapted_classifier(model, source.classes, options, seed)
     both = combine_domains(source, target_train)
     src, tgt = both.subset(both.labelled), both.subset(~both.labelled)
+    module, X, preprocess = training_inputs(clf, model.preprocess, {"source": src.X, "target": tgt.X},
+                                            cache_features)
     cfg = TrainConfig(epochs=options.epochs, batch_size=options.batch_size, lr=options.lr, optimizer="sgd",
                       momentum=options.momentum, weight_decay=options.weight_decay, max_grad_norm=None,
                       seed=seed, progress=progress, restore_best=options.select_by is not None)
     with torch.random.fork_rng(devices=[]):  # the discriminator's start depends on the seed only
         torch.manual_seed(seed)
-        objective = DANNObjective(model.feature_dim, options)
-    scorer = make_scorer(options.select_by, model.preprocess, seed=seed) if options.select_by else "accuracy"
-    result = train(clf, {"source": Pairs(src.X, src.y), "target": Pairs(tgt.X, tgt.y)}, objective, cfg,
-                   collate_fn=make_collate(model.preprocess), metric=scorer,
-                   val_data=tgt.X if options.select_by else None)
+        objective = DANNObjective(feature_dim(model, options), options)
+    scorer = make_scorer(options.select_by, preprocess, seed=seed) if options.select_by else "accuracy"
+    result = train(module, {"source": Pairs(X["source"], src.y), "target": Pairs(X["target"], tgt.y)}, objective,
+                   cfg, collate_fn=make_collate(preprocess), metric=scorer,
+                   val_data=X["target"] if options.select_by else None)
     clf.eval()
     pred = predict_logits(clf, target_test_X, model.preprocess).argmax(-1).numpy()
     extra = {"best_step": result.best_step, "steps": result.steps}

@@ -58,6 +58,11 @@ Defaults and deviations from the reference (BIT-DA/ParetoDA ``examples/DANN+Pare
 - ``select_by`` picks the best epoch with a label-free scorer on the held-out target split (the reference picks
   it on the target *test* labels).
 
+Frozen backbone: as for DANN (:mod:`.dann`), ``freeze_backbone`` (which needs ``bottleneck``) trains only the
+bottleneck and the head on the backbone's features of every item, computed once (``run(...,
+cache_features=False)``: on raw items); the "shared" parameters of the per-objective gradients and the LP are
+then the bottleneck's.
+
 Tested on one process (the per-objective ``autograd.grad`` calls bypass DDP's gradient hooks).
 """
 
@@ -79,8 +84,8 @@ from ..engine import TrainConfig, train
 from ..errors import ConfigError, DataError
 from ..registry import option
 from ..tune._common import Pairs, make_collate
-from ._common import STAGE, Fitted, classifier, predict_logits
-from .dann import DANNObjective, DannOptions
+from ._common import STAGE, Fitted, adapted_classifier, feature_dim, predict_logits, training_inputs
+from .dann import DANNObjective, DannOptions, check_frozen
 
 __all__ = ["ParetoDAOptions", "LPFailed", "preference", "tcm", "refine", "class_domain_loss",
            "ClassDomainDiscriminators", "ParetoDAObjective", "run"]
@@ -335,26 +340,30 @@ def held_out_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.n
 
 
 def run(model, source, target_train, target_test_X, *, options: ParetoDAOptions, seed: int, progress: bool = False,
-        **_) -> Fitted:
-    """Train ``model`` (a ZooModel) with ParetoDA on labelled ``source`` + unlabelled ``target_train``."""
+        cache_features: bool = True, **_) -> Fitted:
+    """Train ``model`` (a ZooModel) with ParetoDA on labelled ``source`` + unlabelled ``target_train``; with a
+    frozen backbone, on its features computed once (``cache_features``) or on raw items."""
     from .scorers import make_scorer
 
-    clf = classifier(model, source.classes, seed)
+    check_frozen(options, "paretoda")
+    clf = adapted_classifier(model, source.classes, options, seed)
     both = combine_domains(source, target_train)
     src, tgt = both.subset(both.labelled), both.subset(~both.labelled)
     fit_idx, val_idx = held_out_split(len(tgt), options.val_fraction, seed)
     tgt_fit, tgt_val = tgt.subset(fit_idx), tgt.subset(val_idx)
+    module, X, preprocess = training_inputs(clf, model.preprocess, {"source": src.X, "target": tgt_fit.X,
+                                                                    "val": tgt_val.X}, cache_features)
     cfg = TrainConfig(epochs=options.epochs, batch_size=options.batch_size, lr=options.lr, optimizer="sgd",
                       momentum=options.momentum, weight_decay=options.weight_decay, max_grad_norm=None,
                       seed=seed, progress=progress, restore_best=options.select_by is not None)
     with torch.random.fork_rng(devices=[]):  # the discriminators' start depends on the seed only
         torch.manual_seed(seed)
-        objective = ParetoDAObjective(model.feature_dim, len(source.classes), options)
-    scorer = make_scorer(options.select_by, model.preprocess, seed=seed) if options.select_by else "accuracy"
-    streams = {"source": Pairs(src.X, src.y), "target": Pairs(tgt_fit.X, tgt_fit.y),
-               "val": Pairs(tgt_val.X, tgt_val.y)}
-    result = train(clf, streams, objective, cfg, collate_fn=make_collate(model.preprocess), metric=scorer,
-                   val_data=tgt_val.X if options.select_by else None)
+        objective = ParetoDAObjective(feature_dim(model, options), len(source.classes), options)
+    scorer = make_scorer(options.select_by, preprocess, seed=seed) if options.select_by else "accuracy"
+    streams = {"source": Pairs(X["source"], src.y), "target": Pairs(X["target"], tgt_fit.y),
+               "val": Pairs(X["val"], tgt_val.y)}
+    result = train(module, streams, objective, cfg, collate_fn=make_collate(preprocess), metric=scorer,
+                   val_data=X["val"] if options.select_by else None)
     clf.eval()
     pred = predict_logits(clf, target_test_X, model.preprocess).argmax(-1).numpy()
     extra = {"best_step": result.best_step, "steps": result.steps, "lp_fallbacks": objective.fallbacks,

@@ -44,6 +44,11 @@ UDA was written for semi-supervised learning on one distribution. Across a domai
 also reinforces the source model's confident *wrong* target predictions: on the digit benchmark
 (``benchmarks/results/adapt_digits.md``) it helps MNIST → sklearn-digits but falls far below source-only on
 sklearn-digits → MNIST, where the source model is right on about half of the target.
+
+Frozen backbone (:class:`~._common.BackboneOptions`): ``freeze_backbone`` keeps the pre-trained backbone fixed
+(eval mode, no gradient) and trains the head and, when set, the ``bottleneck`` (Linear → BatchNorm1d → ReLU).
+UDA's augmented copies are new inputs on every step, so the backbone still runs on every source, clean and
+augmented item of every step (no feature cache, unlike DANN and ParetoDA); only its backward pass is saved.
 """
 
 from __future__ import annotations
@@ -67,7 +72,7 @@ from ..engine import Objective, TrainConfig, forward, train
 from ..errors import ConfigError
 from ..registry import option
 from ..tune._common import Pairs, make_collate
-from ._common import STAGE, Fitted, classifier, predict_logits
+from ._common import STAGE, BackboneOptions, Fitted, adapted_classifier, predict_logits
 
 __all__ = ["UdaOptions", "tsa_threshold", "tsa_cross_entropy", "consistency_loss", "rand_augment", "IMAGE_OPS",
            "word_augment", "synonym_swap", "random_deletion", "random_swap", "lexicon", "UDAObjective", "run"]
@@ -78,7 +83,7 @@ LEXICON = Path(__file__).with_name("synonyms.yaml")
 
 
 @dataclass
-class UdaOptions:
+class UdaOptions(BackboneOptions):
     epochs: int = option(3, low=1, help="passes over the labelled source")
     batch_size: int = option(64, low=1, help="labelled source items per step")
     unsup_ratio: int | None = option(None, low=1, help="unlabelled items per labelled item (null: 7 for images, "
@@ -433,7 +438,7 @@ def run(model, source, target_train, target_test_X, *, options: UdaOptions, seed
     """Train ``model`` (a ZooModel) with UDA consistency on labelled ``source`` + unlabelled ``target_train``."""
     from .scorers import make_scorer
 
-    clf = classifier(model, source.classes, seed)
+    clf = adapted_classifier(model, source.classes, options, seed)
     both = combine_domains(source, target_train)
     src, tgt = both.subset(both.labelled), both.subset(~both.labelled)
     ratio = options.unsup_ratio or (3 if model.modality == "text" else 7)
