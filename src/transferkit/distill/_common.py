@@ -135,6 +135,62 @@ def start_student(net: Net, classes: list[str]) -> nn.Module:
     return copy.deepcopy(module).requires_grad_(True)
 
 
+# ------------------------------------------------------------------------------------------ label maps
+class LabelMapped(nn.Module):
+    """A frozen classifier over its own classes seen through a label map (``target[i]``: the data class of its
+    class ``i``, -1: dropped). The logit of data class ``j`` is ``T·log Σ_{i→j} exp(z_i/T)``: its softmax at
+    temperature ``T`` sums the softened probabilities of the classes mapped to ``j``, renormalised over the
+    mapped classes."""
+
+    def __init__(self, module: nn.Module, target: list[int], n_classes: int, temperature: float):
+        super().__init__()
+        self.module, self.temperature = module, float(temperature)
+        mask = torch.full((len(target), n_classes), float("-inf"))
+        for i, j in enumerate(target):
+            if j >= 0:
+                mask[i, j] = 0.0
+        self.register_buffer("log_mask", mask, persistent=False)
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        from ..engine.objectives import logits_of
+
+        z = logits_of(self.module(*args, **kwargs)) / self.temperature
+        return self.temperature * torch.logsumexp(z.unsqueeze(-1) + self.log_mask.to(z.dtype), dim=1)
+
+
+def map_teachers(teachers: list[Net], label_map: Mapping[str, str], classes: list[str],
+                 temperature: float) -> list[Net]:
+    """The teachers as classifiers over the data's ``classes`` through ``label_map`` (:class:`LabelMapped`);
+    one-line ConfigErrors for a map that names a class no teacher predicts or no data class, a teacher
+    without a head, and a data class that no class of a teacher is mapped to."""
+    from ..zoo import Classifier
+
+    classes = [str(c) for c in classes]
+    if bare := [t.name for t in teachers if not t.classes or (t.module is None and t.zoo.head is None)]:
+        raise ConfigError(f"teacher {bare[0]!r} has no classification head, so label_map has no class to map")
+    if bad := [v for v in label_map.values() if v not in classes]:
+        raise ConfigError(f"label_map maps to {registry.short(sorted(set(bad)))}, not classes of the data "
+                          f"{registry.short(classes)}")
+    known = {str(c) for t in teachers for c in t.classes or []}
+    if unknown := [k for k in label_map if k not in known]:
+        raise ConfigError(f"label_map maps {registry.short(unknown)}, which no teacher predicts (teacher classes: "
+                          f"{registry.short(sorted(known))})")
+    out = []
+    for net in teachers:
+        module = net.module
+        if module is None:  # a catalogue head over its own classes
+            module = Classifier(net.zoo.backbone, net.zoo.feature_dim, len(net.classes))
+            module.head = net.zoo.head
+        own = [str(c) for c in net.classes]
+        target = [classes.index(label_map[c]) if c in label_map else -1 for c in own]
+        if missing := [c for j, c in enumerate(classes) if j not in target]:
+            raise ConfigError(f"label_map maps no class of teacher {net.name!r} (it predicts {registry.short(own)}) "
+                              f"to the data classes {registry.short(missing)}; every data class needs one")
+        out.append(Net(net.name, net.zoo, LabelMapped(module.eval(), target, len(classes), temperature).eval(),
+                       classes))
+    return out
+
+
 # ------------------------------------------------------------------------------------------ options
 def split_config(method: str, config: Mapping[str, Any] | None) -> tuple[Any, dict]:
     """``(options, train)``: the method's typed options and the TrainConfig options, both checked."""
@@ -293,10 +349,13 @@ def distill(teachers: list, student: Any, train_data, test_data, *, method: str 
     classes = list(train_data.classes)
     if m.info.get("check_data"):  # a method's options against the data, before any model loads (ncd)
         m.info["check_data"](options, classes)
-    teachers = [t if isinstance(t, Net) else load_net(t, classes) for t in teachers]
+    label_map = getattr(options, "label_map", None)  # kd: teacher class → data class
+    teachers = [t if isinstance(t, Net) else load_net(t, None if label_map else classes) for t in teachers]
     student = student if isinstance(student, Net) else load_net(student, classes)
     if not teachers:
         raise ConfigError("distill needs at least one teacher")
+    if label_map:
+        teachers = map_teachers(teachers, label_map, classes, options.temperature)
     check_modality([*teachers, student], train_data)
     out_dir = Path(out_dir) if out_dir else None
     if out_dir and split is not None and is_main_process():

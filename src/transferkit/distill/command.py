@@ -30,6 +30,8 @@ def distill(
                                "options."),
     config: Optional[Path] = typer.Option(None, help="YAML/JSON file of method options (temperature, alpha, …) and "
                                           "training options (epochs, lr, …)."),
+    label_map: Optional[Path] = typer.Option(None, "--label-map", help="kd: YAML/JSON mapping teacher class → "
+                                             "data class, for a teacher over other classes (the label_map option)."),
     epochs: Optional[int] = typer.Option(None), lr: Optional[float] = typer.Option(None),
     limit: Optional[int] = typer.Option(None, help="At most this many samples (stratified)."),
     per_class: Optional[int] = typer.Option(None, "--per-class"),
@@ -55,6 +57,8 @@ def distill(
 
     options = read_config(config) if config else {}
     options.update({k: v for k, v in {"epochs": epochs, "lr": lr}.items() if v is not None})
+    if label_map is not None:
+        options["label_map"] = read_config(label_map)
     options.setdefault("seed", seed)
     if known_classes is not None:
         options["known_classes"] = [c.strip() for c in known_classes.split(",") if c.strip()]
@@ -64,7 +68,8 @@ def distill(
     teachers = [t.strip() for t in teacher.split(",") if t.strip()]
     if not teachers:
         raise TransferkitError("--teacher needs at least one model")
-    check_out(out, names=DISTILL_FILES, replaces=True, inputs=(data, *teachers, student, config))  # before any work
+    check_out(out, names=DISTILL_FILES, replaces=True,  # before any work
+              inputs=(data, *teachers, student, config, label_map))
     train, test, split = make_split(data, limit=limit, per_class=per_class, sample_seed=seed, seed=seed)
     with atomic_path(out) as tmp:
         res = run_distill(teachers, student, train, test, method=method, config=options, out_dir=tmp, split=split)

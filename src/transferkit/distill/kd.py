@@ -15,8 +15,19 @@ so their logits are computed once over the training data instead of once per bat
 the same (tested against the live teacher) and the teachers' forward passes are paid once instead of once
 per epoch. ``cache: false`` runs the teachers live on every batch.
 
+Label maps (``label_map``, CLI ``--label-map FILE``): a teacher over other classes (a catalogue model's
+source head, or a run tuned on another label set) is distilled through a mapping *teacher class → data class*.
+The rule (:class:`~transferkit.distill._common.LabelMapped`): the mapped logit of data class ``j`` is
+``T·log Σ_{i→j} exp(z_i/T)``, so the teacher's softened distribution at the distillation temperature has the
+probabilities of the teacher classes mapped to one data class summed; teacher classes mapped to nothing are
+dropped and the rest renormalised. Every data class must receive at least one teacher class, and every key
+must be a class of some teacher (one-line errors otherwise). The teacher's test accuracy is then that of the
+mapped classifier. Without a map, a teacher whose classes differ from the data's is a one-line error that
+names both label sets.
+
 Deviation: none in the loss. A teacher must predict the data's classes (a catalogue model with these classes
-or a ``transferkit tune`` run folder); ``nearest``/``weighted`` fit a probe on other models instead.
+or a ``transferkit tune`` run folder) or be mapped onto them; ``nearest``/``weighted`` fit a probe on other
+models instead.
 """
 
 from __future__ import annotations
@@ -25,10 +36,11 @@ from dataclasses import dataclass
 
 from .. import registry
 from ..engine import KDObjective
-from ._common import STAGE, fit_val, fresh_student, require_classifier, train_student
+from ._common import STAGE, Net, fit_val, fresh_student, require_classifier, train_student
 
 TEACHER_HINT = ("fine-tune it first (`transferkit tune`) and pass the run folder, or use --method nearest / weighted, "
                 "which fit a probe on the labelled items")
+KD_HINT = TEACHER_HINT + ", or map its classes onto the data's with label_map (--label-map)"
 
 
 @dataclass
@@ -47,11 +59,19 @@ class KDCore:
 class KDOptions(KDCore):
     teacher_weights: list[float] | None = registry.option(None, help="mixture weights of several teachers "
                                                           "(default uniform)")
+    label_map: dict[str, str] | None = registry.option(None, help="teacher class → data class, for teachers "
+                                                       "over other classes (probabilities of classes mapped "
+                                                       "together are summed; unmapped classes dropped)")
 
     def __post_init__(self) -> None:
         w = self.teacher_weights
         if w is not None and (any(x < 0 for x in w) or not sum(w) > 0):
             raise ValueError(f"teacher_weights must be non-negative with a positive sum, got {w}")
+        if self.label_map is not None:
+            items = self.label_map.items()
+            if not items or any(isinstance(x, bool) or not isinstance(x, (str, int)) for kv in items for x in kv):
+                raise ValueError(f"label_map must map class names to class names, got {registry.short(self.label_map)}")
+            self.label_map = {str(k): str(v) for k, v in items}
 
 
 def kd_objective(options: KDCore, weights=None):
@@ -65,7 +85,9 @@ def run_kd(teachers, student, train, test, *, options: KDCore, cfg, classes, wei
     from ..errors import ConfigError
 
     for t in teachers:
-        require_classifier(t, "teacher", classes, TEACHER_HINT)
+        if t.module is not None and t.classes is not None and list(map(str, t.classes)) != list(map(str, classes)):
+            t = Net(t.name, t.zoo, None, t.classes)  # a loaded Net over other classes: the same one-line error
+        require_classifier(t, "teacher", classes, KD_HINT)
     w = weights if weights is not None else getattr(options, "teacher_weights", None)
     if w is not None and len(w) != len(teachers):
         raise ConfigError(f"{len(w)} teacher_weights for {len(teachers)} teachers")
