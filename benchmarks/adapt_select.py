@@ -64,15 +64,9 @@ def grid() -> list[tuple[str, dict]]:
 # ---------------------------------------------------------------- skada venv and worker (runs in the venv)
 
 def skada_python() -> Path:
-    py = VENV / "bin" / "python"
-    if not py.is_file():
-        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
-        site = subprocess.run([str(py), "-c", "import site; print(site.getsitepackages()[0])"], check=True,
-                              capture_output=True, text=True).stdout.strip()
-        ours = [p for p in sys.path if p.endswith("site-packages")][0]
-        Path(site, "project.pth").write_text(f"import site; site.addsitedir({ours!r})\n")
-        subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", SKADA], check=True)
-    return py
+    from _peer import peer_python
+
+    return peer_python(VENV, [SKADA])
 
 
 def run_skada(npz: Path) -> dict:

@@ -135,15 +135,9 @@ def skada_worker(job: Path) -> None:
 
 
 def ensure_venv() -> Path:
-    py = VENV / "bin" / "python"
-    if not py.is_file():
-        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
-        site = subprocess.run([str(py), "-c", "import site; print(site.getsitepackages()[0])"], check=True,
-                              capture_output=True, text=True).stdout.strip()
-        ours = [p for p in sys.path if p.endswith("site-packages")][0]
-        Path(site, "project.pth").write_text(f"import site; site.addsitedir({ours!r})\n")
-        subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", *PEERS], check=True)
-    return py
+    from _peer import peer_python
+
+    return peer_python(VENV, list(PEERS))
 
 
 def run_skada(clf, arch: dict, Xs, ys, Xt, Xe, ye, epochs: int, seed: int) -> dict:

@@ -185,17 +185,9 @@ def setup_teacher(work: Path, pair: dict) -> dict:
 
 def setup_torchdistill(work: Path) -> str:
     """The torchdistill venv (once); its python."""
-    venv = work / "tdvenv"
-    py = venv / "bin" / "python"
-    if not py.is_file():
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        site = subprocess.run([str(py), "-c", "import site; print(site.getsitepackages()[0])"], check=True,
-                              capture_output=True, text=True).stdout.strip()
-        ours = [p for p in sys.path if p.endswith("site-packages")][0]
-        # the project's torch (and transferkit, for the data and models) without installing them again
-        Path(site, "project.pth").write_text(f"import site; site.addsitedir({ours!r})\n")
-        subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", TORCHDISTILL], check=True)
-    return str(py)
+    from _peer import peer_python
+
+    return str(peer_python(work / "tdvenv", [TORCHDISTILL]))
 
 
 def run_side(side: str, pair: str, seed: int, work: Path, td_python: str) -> dict:

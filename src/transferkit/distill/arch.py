@@ -259,3 +259,19 @@ def rebuild_run(zoo, delta) -> ChainNet:
     from ..delta import apply
 
     return apply(rebuild(delta.meta["architecture"]), delta).eval()
+
+
+def teacher_module(teachers: list, student, classes: list[str], method: str) -> tuple:
+    """``(teacher, its classifier)``: the one network a compression method derives its student from; the
+    student given must be that teacher's base model. One-line ConfigErrors otherwise."""
+    from ._common import require_classifier
+    from .kd import TEACHER_HINT
+
+    if len(teachers) != 1:
+        raise ConfigError(f"{method} compresses one network (the one teacher), got {len(teachers)} teachers")
+    teacher = teachers[0]
+    module = require_classifier(teacher, "teacher", classes, TEACHER_HINT)
+    if student.zoo.preprocessing != teacher.zoo.preprocessing:
+        raise ConfigError(f"{method} derives the student from the teacher: pass the teacher's base model "
+                          f"({teacher.zoo.name!r}) as the student")
+    return teacher, module

@@ -45,9 +45,8 @@ from torch import nn
 from .. import registry
 from ..errors import ConfigError
 from . import arch as A
-from ._common import (STAGE, Items, accuracy, fit_val, frozen_logits, make_collate, require_classifier,
-                      train_student)
-from .kd import TEACHER_HINT, KDCore, kd_objective
+from ._common import STAGE, Items, accuracy, fit_val, frozen_logits, make_collate, train_student
+from .kd import KDCore, kd_objective
 
 SCALES = tuple(round(0.1 * k, 1) for k in range(1, 11))
 HIDDEN, LSTM_LAYERS, REMOVE_LR, SHRINK_LR, EPS_EPISODES = 30, 2, 0.003, 0.01, 15
@@ -241,13 +240,7 @@ def search(module, teacher, student, fit, val, options: N2NOptions, cfg) -> tupl
 
 
 def _n2n(teachers, student, train, test, *, options: N2NOptions, cfg, classes):
-    if len(teachers) != 1:
-        raise ConfigError(f"n2n compresses one network (the one teacher), got {len(teachers)} teachers")
-    teacher = teachers[0]
-    module = require_classifier(teacher, "teacher", classes, TEACHER_HINT)
-    if student.zoo.preprocessing != teacher.zoo.preprocessing:
-        raise ConfigError(f"n2n derives the student from the teacher: pass the teacher's base model "
-                          f"({teacher.zoo.name!r}) as the student")
+    teacher, module = A.teacher_module(teachers, student, classes, "n2n")
     t_arch, _ = A.describe(module)
     fit, val = fit_val(train, 0.1, cfg.seed)
     if val is None:

@@ -47,8 +47,8 @@ from torch import nn
 from .. import registry
 from ..errors import ConfigError
 from . import arch as A
-from ._common import STAGE, fit_val, require_classifier, train_student
-from .kd import TEACHER_HINT, KDCore, kd_objective
+from ._common import STAGE, fit_val, train_student
+from .kd import KDCore, kd_objective
 
 WIDTH_RATIOS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
@@ -311,13 +311,7 @@ def search(teacher: nn.Module, preprocess, fit, options: TASOptions, seed: int) 
 
 
 def _tas(teachers, student, train, test, *, options: TASOptions, cfg, classes):
-    if len(teachers) != 1:
-        raise ConfigError(f"tas prunes one network (the one teacher), got {len(teachers)} teachers")
-    teacher = teachers[0]
-    module = require_classifier(teacher, "teacher", classes, TEACHER_HINT)
-    if student.zoo.preprocessing != teacher.zoo.preprocessing:
-        raise ConfigError(f"tas derives the student from the teacher: pass the teacher's base model "
-                          f"({teacher.zoo.name!r}) as the student")
+    teacher, module = A.teacher_module(teachers, student, classes, "tas")
     t_arch, _ = A.describe(module)
     fit, val = fit_val(train, 0.1, cfg.seed)
     keep, widths, log = search(module, student.preprocess, fit, options, cfg.seed)
