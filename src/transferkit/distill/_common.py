@@ -10,9 +10,11 @@ valid because the nets are frozen and the data carries no augmentation; the same
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import time
+import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -307,10 +309,29 @@ def fit_val(train, val_fraction: float, seed: int):
     return train.subset(~mask), train.subset(mask)
 
 
+def _eval_only(self: nn.Module, mode: bool = True) -> nn.Module:
+    return nn.Module.train(self, False)
+
+
+@contextlib.contextmanager
+def bn_frozen(module: nn.Module, on: bool = True):
+    """While inside, ``module``'s BatchNorm layers stay in eval mode when it trains: they normalise with their
+    running statistics and do not update them (their affine weights still train)."""
+    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] if on else []
+    for m in bns:
+        m.train = types.MethodType(_eval_only, m)
+    try:
+        yield
+    finally:
+        for m in bns:
+            del m.train
+
+
 def train_student(student_module: nn.Module, student: Net, frozen: list[Net], objective: Callable, fit, val,
-                  cfg, *, cache: bool, out_dir: Path | None = None) -> tuple[Any, dict]:
+                  cfg, *, cache: bool, out_dir: Path | None = None, freeze_bn: bool = False) -> tuple[Any, dict]:
     """Train ``student_module`` with ``objective(frozen modules or None)``; the frozen nets' logits are
-    cached once when ``cache`` (else the objective runs them per batch). Returns ``(TrainResult, timing)``."""
+    cached once when ``cache`` (else the objective runs them per batch); ``freeze_bn`` keeps the student's
+    BatchNorm layers in eval mode (:func:`bn_frozen`). Returns ``(TrainResult, timing)``."""
     from ..engine import train
 
     t0 = time.perf_counter()
@@ -319,8 +340,9 @@ def train_student(student_module: nn.Module, student: Net, frozen: list[Net], ob
     obj = objective(None if cached is not None else [n.module for n in frozen])
     collate = make_collate(student, frozen, cached)
     t1 = time.perf_counter()
-    result = train(student_module, Items(fit), obj, cfg, val_data=val, collate_fn=collate,
-                   metric=ValAccuracy(student) if val is not None else "loss", out_dir=out_dir)
+    with bn_frozen(student_module, freeze_bn):
+        result = train(student_module, Items(fit), obj, cfg, val_data=val, collate_fn=collate,
+                       metric=ValAccuracy(student) if val is not None else "loss", out_dir=out_dir)
     student_module.eval()
     return result, {"cache_s": round(t_cache, 3), "train_s": round(time.perf_counter() - t1, 3),
                     "cached": cached is not None}

@@ -25,6 +25,10 @@ must be a class of some teacher (one-line errors otherwise). The teacher's test 
 mapped classifier. Without a map, a teacher whose classes differ from the data's is a one-line error that
 names both label sets.
 
+``freeze_bn`` (default off): keep the student's BatchNorm layers in eval mode while it trains (the pretrained
+running statistics are used and not re-estimated from the small distillation batches; affine weights still
+train), for a backbone whose statistics should stay those it was pretrained or probed with.
+
 Deviation: none in the loss. A teacher must predict the data's classes (a catalogue model with these classes
 or a ``transferkit tune`` run folder) or be mapped onto them; ``nearest``/``weighted`` fit a probe on other
 models instead.
@@ -62,6 +66,8 @@ class KDOptions(KDCore):
     label_map: dict[str, str] | None = registry.option(None, help="teacher class → data class, for teachers "
                                                        "over other classes (probabilities of classes mapped "
                                                        "together are summed; unmapped classes dropped)")
+    freeze_bn: bool = registry.option(False, help="keep the student's BatchNorm layers in eval mode (running "
+                                      "statistics not re-estimated; affine weights train)")
 
     def __post_init__(self) -> None:
         w = self.teacher_weights
@@ -94,7 +100,7 @@ def run_kd(teachers, student, train, test, *, options: KDCore, cfg, classes, wei
     module = fresh_student(student, classes, cfg.seed)
     fit, val = fit_val(train, val_fraction, cfg.seed)
     result, timing = train_student(module, student, teachers, kd_objective(options, w), fit, val, cfg,
-                                   cache=options.cache)
+                                   cache=options.cache, freeze_bn=getattr(options, "freeze_bn", False))
     return module, result.history, {**timing, "teacher_weights": list(w) if w is not None else None}
 
 
