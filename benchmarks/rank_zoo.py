@@ -386,7 +386,8 @@ def markdown(doc: dict) -> str:
                       "n/a = not applicable to this zoo (needs a source head)."
                       + (f" [lo, hi] = 95 % bootstrap interval over the test items ({BOOTSTRAP} resamples; the "
                          "ground-truth accuracies recomputed from each candidate's stored per-item correctness; the "
-                         "mean's interval resamples every target's test set in the same draw). Two metrics whose "
+                         "mean's interval resamples every target's test set in the same draw; percentile intervals, and "
+                         "τ_w is bounded, so a value near ±1 can sit at its interval's edge). Two metrics whose "
                          "intervals overlap are not told apart by this ground truth."
                          if any(s[k].get("ci") for k in s) else ""), ""]
         lines += auto_section(doc, z)
