@@ -2,7 +2,8 @@
 
 Input: the packaged training table ``src/transferkit/rank/zoo_results.json`` (built from
 ``benchmarks/results/rank_zoo*.json`` by ``scripts/learned_ranker_table.py``): 6 targets (3 image,
-3 text, 7 candidate models each), each measured under 3 protocols (result files), 18 records.
+3 text, 7 candidate models each), each measured under several protocols (result files): one record per
+(result file, target).
 
 For every record, the learned ranker is trained on the records of the **other** targets only
 (``exclude_targets=(target,)`` drops the target from every result file) and ranks the record's
@@ -213,7 +214,7 @@ def markdown(doc: dict, groups: list[str], names: list[str]) -> str:
              f"v{doc['table_version']}, built from " + ", ".join(f"`{x['file']}`" for x in doc["table_sources"])
              + f" ({len(doc['records'])} records = 6 targets × 3 protocols). Every record is ranked by a model trained on "
              "the other 5 targets only (all their records; the target is dropped from every file).", "",
-             f"Mean τ_w over the records of each result file (3 targets each; `all` = the 18 records), with the 95 % "
+             f"Mean τ_w over the records of each result file (3 targets each; `all` = the {len(doc['records'])} records), with the 95 % "
              f"bootstrap interval over candidates ({doc['boot']} replicates); last column: mean rel@1 over all records. "
              "n/a = the metric does not score every candidate of those records (LEEP/NCE need a source head).", "",
              "| ranker | " + " | ".join(cols) + " | mean rel@1 |", "|---" * (len(cols) + 2) + "|"]
@@ -232,7 +233,7 @@ def markdown(doc: dict, groups: list[str], names: list[str]) -> str:
                 tag = f"{x['vs']}: " if other == "best_single_in_hindsight" else ""
                 cells.append(f"{tag}{x['diff']:+.3f} [{x['ci95'][0]:+.2f}, {x['ci95'][1]:+.2f}]" + (" **real**" if x["real"] else ""))
             lines.append(f"| {other} | " + " | ".join(cells) + " |")
-    lines += ["", "Verdict (all 18 records):"]
+    lines += ["", f"Verdict (all {len(doc['records'])} records):"]
     for row in COMPARED:
         x, y = d[row]["all"]["best_single_in_hindsight"], d[row]["all"]["loo_best_single"]
         lines.append(f"- `{row}` ({s['all'][row]['mean_tau_w']:.3f}) is {word(x)} the best single metric in hindsight, "

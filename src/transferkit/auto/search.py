@@ -9,7 +9,7 @@ What it does, in order:
 2. **Rank** every candidate with a transferability metric on the training part (``prior``, default LogME;
    features come from the shared cache). This is the prior. ``prior="learned"`` combines the metrics with
    the weights :mod:`transferkit.rank.learned` learned on the project's measured zoos (leave-one-target-out:
-   τ_w 0.30, below the best single metric — ``benchmarks/results/rank_learned.md``); ``prior="none"`` is
+   τ_w 0.35, between the best single metric and auto — ``benchmarks/results/rank_learned.md``); ``prior="none"`` is
    the ablation without one:
    the arms start in a seeded random order.
 3. **Arms** = model × method × learning rate (the method's default lr times ``lr_factors``, default
