@@ -40,7 +40,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent
 MODEL = "paraphrase-minilm-l3-v2"
 PAIRS = [("vader:tweets", "vader:nyt"), ("vader:nyt", "vader:tweets"), ("vader:amazon", "vader:movies"),
-         ("vader:movies", "vader:amazon"), ("vader:amazon", "finefood")]
+         ("vader:movies", "vader:amazon"), ("vader:amazon", "finefood"),
+         # the other 8 ordered pairs of the four VADER domains
+         ("vader:tweets", "vader:movies"), ("vader:movies", "vader:tweets"), ("vader:tweets", "vader:amazon"),
+         ("vader:amazon", "vader:tweets"), ("vader:nyt", "vader:movies"), ("vader:movies", "vader:nyt"),
+         ("vader:nyt", "vader:amazon"), ("vader:amazon", "vader:nyt")]
 ARMS = ["source-only", "dann", "paretoda", "uda"]
 FROZEN = {"freeze_backbone": True, "bottleneck": 256}
 COMMAND = "nice -n 10 env OMP_NUM_THREADS=1 .venv/bin/python benchmarks/adapt_text.py"
