@@ -11,11 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from transferkit.adapt import adapt, tta, vida
-from transferkit.data import make_dataset
 from transferkit.errors import ConfigError
 from transferkit.zoo.base import ImagePreprocess, ZooModel
 
-CLASSES = ["0", "1", "2"]
+from test_adapt_tta import CLASSES, toy_data  # the same toy shift as the other TTA tests
 
 
 class Net(nn.Module):
@@ -35,15 +34,6 @@ def toy_model(seed=0):
     torch.manual_seed(seed)
     return ZooModel("toy", "image", Net(), nn.Linear(8, 3), 8, ImagePreprocess(8, [0.5], [0.5], 1), {},
                     list(CLASSES))
-
-
-def toy_data(n=60, seed=0, shift=0):
-    rng = np.random.default_rng(seed)
-    y = np.arange(n) % 3
-    X = rng.integers(0, 60, (n, 8, 8)).astype(np.uint8)
-    for c in range(3):  # a class-dependent bright stripe
-        X[y == c, 2 * c: 2 * c + 2, :] += 120
-    return make_dataset(f"toy{shift}", np.clip(X.astype(int) + shift, 0, 255).astype(np.uint8), y, classes=CLASSES)
 
 
 def keep_head(**o):
