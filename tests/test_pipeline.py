@@ -262,13 +262,18 @@ def test_merge_stage_says_why_it_did_not_merge(monkeypatch):
 def test_peak_memory_sees_an_allocation():
     from transferkit.runtime import PeakMemory
 
-    with PeakMemory() as mem:
-        a = np.ones(64 * 2**20 // 8)  # 64 MiB
-        import time
+    import time
 
-        time.sleep(0.1)
+    # Hold the allocation until the sampling thread has run (bounded): on a loaded 2-core CI machine a
+    # fixed 0.1 s hold was once too short for the thread to be scheduled at all.
+    with PeakMemory(interval=0.01) as mem:
+        a = np.ones(64 * 2**20 // 8)  # 64 MiB, touched
+        deadline = time.monotonic() + 10
+        while mem.peak - mem.start < 40 * 2**20 and time.monotonic() < deadline:
+            time.sleep(0.02)
         del a
     assert mem.as_dict()["delta_rss_mb"] >= 40
+    assert mem.as_dict()["peak_rss_mb"] >= mem.as_dict()["delta_rss_mb"]
 
 
 # ---------------------------------------------------------------------------------------------- full run
