@@ -168,11 +168,12 @@ def write(results: dict) -> None:
 
 def main() -> None:
     old = RESULTS / "distill_gains.json"
-    results = json.loads(old.read_text()).get("zoos", {}) if old.is_file() else {}
     seeds = [int(s) for s in ARGS.seeds.split(",")]
     command = "OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/distill_gains.py " + " ".join(sys.argv[1:])
     for name in [z.strip() for z in ARGS.zoos.split(",") if z.strip()]:
         def save(partial, name=name):
+            # re-read on every save: runs of different zoos in parallel keep each other's sections
+            results = json.loads(old.read_text()).get("zoos", {}) if old.is_file() else {}
             results[name] = {"command": command.strip(), **partial}
             write(results)
 

@@ -55,7 +55,7 @@ def test_bad_data_is_one_line_and_writes_nothing(npz, tmp_path):
 
     out = tmp_path / "o"
     base = ["adapt", "--model", "digits-usps", "--out", out]
-    bad([*base, "--source", npz("src3"), "--target", npz("tgt4", classes=4)], "partial or open-set")
+    bad([*base, "--source", npz("src3"), "--target", npz("tgt4", classes=4)], "label map")
     bad([*base, "--source", npz("src"), "--target", tmp_path / "missing.npz"], "missing.npz")
     target = npz("t40")
     _, test, _ = make_split(str(target), test_size=0.3)

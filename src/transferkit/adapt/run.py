@@ -3,6 +3,12 @@
 A method whose options have ``labelled_per_class`` (k) is semi-supervised: it is given the labels of k items
 per class of the target's *training* part (:func:`few_labels`: stratified, seeded), and no other target label;
 the held-out part is never trained on, whatever the method.
+
+A source whose classes are not the target's needs an explicit ``label_map`` (source class → target class;
+:func:`map_source`): the source is relabelled before any method sees it, source classes left out of the map
+are dropped (partial adaptation: the target's label set is a subset of the source's), and every target class
+must receive source items — there is no open-set option (a target class unseen in the source has nothing to
+align with).
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from ..data.dataset import Dataset, validate
 from ..errors import ConfigError, DataError
 from ._common import STAGE, match_images, unlabelled
 
-__all__ = ["AdaptResult", "adapt", "ADAPT_FILES", "check_method", "few_labels"]
+__all__ = ["AdaptResult", "adapt", "ADAPT_FILES", "check_method", "few_labels", "map_source"]
 
 # what an adapt run writes into its folder: metrics, the target's split record, the training curve, the
 # held-out predictions (with the split's test ids) and the adapted classifier's state (Tent, CoTTA and reset
@@ -67,9 +73,36 @@ def few_labels(ds: Dataset, k: int, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(picked))
 
 
+def map_source(source: Dataset, label_map: Any, classes: list[str]) -> Dataset:
+    """``source`` relabelled through ``label_map`` (source class name → class name of ``classes``, the
+    target's): items of unmapped source classes are dropped; the result has ``classes``. One-line errors for
+    a map that is not a mapping of names, names a class the source lacks or a class not in ``classes``, and
+    for a target class that receives no source item."""
+    if not isinstance(label_map, dict) or not label_map:
+        raise ConfigError(f"label_map must be a non-empty mapping source class → target class, got "
+                          f"{registry.short(label_map)}")
+    lm = {str(k): str(v) for k, v in label_map.items()}
+    if unknown := [k for k in lm if k not in source.classes]:
+        raise ConfigError(f"label_map maps {unknown[0]!r}, not a class of the source {source.name!r}"
+                          f"{registry.did_you_mean(unknown[0], source.classes)} (classes: "
+                          f"{registry.short(source.classes)})")
+    if bad := [v for v in lm.values() if v not in classes]:
+        raise ConfigError(f"label_map maps to {bad[0]!r}, not a class of the target{registry.did_you_mean(bad[0], classes)}"
+                          f" (classes: {registry.short(classes)})")
+    new = np.array([classes.index(lm[c]) if c in lm else -1 for c in source.classes], dtype=np.int64)
+    keep = source.labelled & (new[np.maximum(source.y, 0)] >= 0)
+    out = source.subset(keep)
+    out.y = new[out.y]
+    out.classes = list(classes)
+    if empty := [c for c, n in out.class_counts().items() if n == 0]:
+        raise DataError(f"label_map gives the target class {empty[0]!r} no source item; every target class "
+                        "needs labelled source items (open-set adaptation is not supported)")
+    return out
+
+
 def adapt(model, source: Dataset, target_train: Dataset, target_test: Dataset, *, method: str,
           options: dict | None = None, seed: int = 0, out_dir: str | Path | None = None, split=None,
-          progress: bool = False) -> AdaptResult:
+          progress: bool = False, label_map: dict | None = None) -> AdaptResult:
     """Adapt ``model`` (a ZooModel) from the labelled ``source`` to the target with ``method``.
 
     ``target_train`` is used without its labels (DANN trains on it; test-time methods do not use it), except
@@ -79,7 +112,8 @@ def adapt(model, source: Dataset, target_train: Dataset, target_test: Dataset, *
     a stream), and its labels, when it has any, only score the predictions (``accuracy``; test-time methods
     also ``source_only_accuracy``, the source model's). ``options`` are the method's options
     (``transferkit adapt --list``), typed and range-checked before anything runs. ``split`` is the record of
-    the target's train/test split (written to ``out_dir/split.json``).
+    the target's train/test split (written to ``out_dir/split.json``). ``label_map`` (source class → target
+    class, :func:`map_source`) is required when the source's classes are not the target's.
     """
     m = check_method(method)
     opts = m.parse(options)
@@ -95,10 +129,18 @@ def adapt(model, source: Dataset, target_train: Dataset, target_test: Dataset, *
             raise DataError(f"model {model.name!r} takes {model.modality} inputs but the {what} {ds.name!r} is "
                             f"{ds.modality} data")
     validate(source)  # labelled, ≥ 2 classes
+    n_source = len(source)
+    if label_map is not None:
+        classes = target_train.classes or target_test.classes
+        if not classes:
+            raise DataError(f"label_map needs the target's class names, and the target {target_train.name!r} "
+                            "has none")
+        source = validate(map_source(source, label_map, list(classes)))
     for ds in (target_train, target_test):
         if ds.classes and ds.classes != source.classes:
             raise DataError(f"the target {ds.name!r} has classes {registry.short(ds.classes)} but the source "
-                            f"{source.name!r} has {registry.short(source.classes)}; partial or open-set adaptation "
+                            f"{source.name!r} has {registry.short(source.classes)}; map them with a label map "
+                            "(label_map / --label-map FILE: source class → target class); open-set adaptation "
                             "is not supported")
     source, target_train, target_test = match_images(model, source, target_train, target_test)
     given, used = unlabelled(target_train), np.zeros(0, dtype=np.int64)
@@ -114,6 +156,8 @@ def adapt(model, source: Dataset, target_train: Dataset, target_test: Dataset, *
                                "target": target_test.name, "seed": seed, "n_source": len(source),
                                "n_target_train": len(target_train), "n_test": len(target_test),
                                "target_labels_ignored": int(target_train.labelled.sum()) - len(used),
+                               **({"label_map": {str(k): str(v) for k, v in label_map.items()},
+                                   "source_items_dropped": n_source - len(source)} if label_map is not None else {}),
                                "seconds": round(seconds, 2), **fitted.extra}
     if hasattr(opts, "labelled_per_class"):
         metrics["target_labels_used"] = used.tolist()

@@ -6,6 +6,8 @@
       method: tent                      # any adapt method (transferkit adapt --list)
       sources: {opencv-digits: mnist}   # target name → labelled source dataset
       options: {batch_size: 100}        # the method's options
+      label_maps:                       # target name → {source class: target class}, where they differ
+        finefood: {positive: great, negative: other}
 
 The model is the one the tune stage chose for the target, else the first candidate; the target's recorded
 split is used as every stage uses it: its training part without labels, its held-out part adapted on
@@ -26,7 +28,7 @@ from ..config import _check_target_data, check_keys, label, mapping, slug, strin
 from ..runner import finite_json
 from ..stage import Stage, register_stage
 
-_KEYS = ("method", "sources", "options")
+_KEYS = ("method", "sources", "options", "label_maps")
 
 
 @dataclass
@@ -34,6 +36,7 @@ class AdaptSpec:
     method: str
     sources: dict[str, str]
     options: dict[str, Any] = field(default_factory=dict)
+    label_maps: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
 class AdaptStage(Stage):
@@ -65,7 +68,15 @@ class AdaptStage(Stage):
                 raise ConfigError(f"adapt.sources: {name!r} is not a target{registry.did_you_mean(name, names)} "
                                   f"(targets: {', '.join(names)})")
             _check_target_data(string(spec, f"adapt.sources.{name}"), f"adapt.sources.{name}")
-        return AdaptSpec(method.name, {k: str(v).strip() for k, v in sources.items()}, options)
+        maps = mapping(raw.get("label_maps"), "adapt.label_maps")
+        for name, lm in maps.items():
+            if name not in sources:
+                raise ConfigError(f"adapt.label_maps: {name!r} is not a target with a source"
+                                  f"{registry.did_you_mean(name, list(sources))}")
+            if not mapping(lm, f"adapt.label_maps.{name}"):
+                raise ConfigError(f"adapt.label_maps.{name} is empty: map source classes to target classes")
+        return AdaptSpec(method.name, {k: str(v).strip() for k, v in sources.items()}, options,
+                         {k: {str(a): str(b) for a, b in v.items()} for k, v in maps.items()})
 
     def dump(self, spec: AdaptSpec | None) -> dict | None:
         return asdict(spec) if spec else None
@@ -103,7 +114,7 @@ class AdaptStage(Stage):
         source = load_dataset(spec.sources[target.name], limit=target.limit or lim.samples,
                               per_class=target.per_class or lim.per_class, seed=seed)
         res = adapt(run.model(model), source, train, test, method=spec.method, options=spec.options, seed=seed,
-                    out_dir=unit_dir, split=split)
+                    out_dir=unit_dir, split=split, label_map=spec.label_maps.get(target.name))
         m = res.metrics
         rec = finite_json({"target": target.name, "source": spec.sources[target.name], "model": model,
                            "method": spec.method, "seed": seed, "accuracy": m.get("accuracy"),
