@@ -27,6 +27,12 @@ test set). Per pair:
 
 The paper's finding to check: KL+DP's delta ≥ 0 for (nearly) every pair while plain KD's is negative for many.
 
+``--lr`` sets the AdamW lr of every transfer (default 1e-4; another lr is its own section ``<zoo>, lr <lr>``).
+``--self-control also|only`` adds (or runs only) the control pairs student ← a frozen copy of itself: both
+methods then fit the student's own initial predictions, so there is nothing to gain and the delta is what the
+training alone (optimiser steps, dropout) does to the student at that lr; the report then also gives the share of
+pairs whose delta is at least the student's control delta.
+
     OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/distill_gains.py --zoos digits,fashion,text
 
 Writes benchmarks/results/distill_gains.json and .md after each pair (other zoos' earlier results are kept).
@@ -46,6 +52,9 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 DIGITS = ("digits-mnist", "digits-usps", "digits-svhn")
 SMALL, TEXT = {"size": 32}, {"max_length": 32}
+CONTROL = "itself (control)"
+# a delta is a mean of accuracy differences (multiples of 1 / n_test): +x and −x over the seeds sum to ±1e-17, no loss
+TOL = 1e-9
 ZOOS = {
     "digits": {"data": "mnist", "limit": 2500, "test": 0.2, "probe": False, "freeze_bn": False, "epochs": 5,
                "models": {m: {} for m in DIGITS}, "methods": ("kd", "kl_dp", "kl_dp_label_free")},
@@ -58,7 +67,8 @@ ZOOS = {
 }
 
 
-def transfer(student, teacher, train, test, method: str, seed: int, epochs: int, freeze_bn: bool) -> float:
+def transfer(student, teacher, train, test, method: str, seed: int, epochs: int, freeze_bn: bool,
+             lr: float) -> float:
     """Transfer delta of one run (after − before, test accuracy)."""
     from transferkit.distill import distill
     from transferkit.distill._common import accuracy, fit_val, start_student, train_student
@@ -69,12 +79,13 @@ def transfer(student, teacher, train, test, method: str, seed: int, epochs: int,
         module = start_student(student, train.classes)
         before = accuracy(module, student, test)
         fit, val = fit_val(train, 0.1, seed)
-        cfg = TrainConfig(epochs=epochs, lr=1e-4, batch_size=32, seed=seed, progress=False)
+        cfg = TrainConfig(epochs=epochs, lr=lr, batch_size=32, seed=seed, progress=False)
         train_student(module, student, [teacher], kd_objective(KDOptions(temperature=1.0, alpha=0.0)), fit, val,
                       cfg, cache=True, freeze_bn=freeze_bn)
         return accuracy(module, student, test) - before
     res = distill([teacher], student, train, test, method="kl_dp",
-                  config={"epochs": epochs, "seed": seed, "supervised": method == "kl_dp", "freeze_bn": freeze_bn})
+                  config={"epochs": epochs, "seed": seed, "supervised": method == "kl_dp", "freeze_bn": freeze_bn,
+                          "lr": lr})
     return res.metrics["transfer_delta"]
 
 
@@ -98,7 +109,7 @@ def nets(zoo: dict, train, test, split, work: Path) -> dict:
     return out
 
 
-def run_zoo(name: str, seeds: list[int], work: Path, save) -> dict:
+def run_zoo(name: str, seeds: list[int], work: Path, save, lr: float, self_control: str | None) -> dict:
     import numpy as np
 
     from transferkit.data.split import make_split
@@ -112,21 +123,25 @@ def run_zoo(name: str, seeds: list[int], work: Path, save) -> dict:
     acc = {m: accuracy(n.module, n, test) for m, n in models.items()}
     preds = {m: predictions(n.module, n, test) for m, n in models.items()}
     pairs = []
-    order = list(permutations(models, 2))
+    # the self-control pairs (a student taught by a frozen copy of itself: no knowledge to gain, so any delta is
+    # what the training itself does to the model at this lr) come first
+    order = [(m, m) for m in models if self_control]
+    order += [] if self_control == "only" else list(permutations(models, 2))
     for s_name, t_name in order:
         f = flips(preds[s_name], preds[t_name], test.y, len(train.classes))
-        row = {"student": s_name, "teacher": t_name, "student_accuracy": acc[s_name], "teacher_accuracy": acc[t_name],
+        row = {"student": s_name, "teacher": t_name if t_name != s_name else CONTROL,
+               "student_accuracy": acc[s_name], "teacher_accuracy": acc[t_name],
                "positive_flips": f["positive"], "negative_flips": f["negative"], "top20_share": f["top_p_share"]}
         for method in zoo["methods"]:
             deltas = [transfer(models[s_name], models[t_name], train, test, method, seed, zoo["epochs"],
-                               zoo["freeze_bn"]) for seed in seeds]
+                               zoo["freeze_bn"], lr) for seed in seeds]
             row[method] = {"delta": statistics.mean(deltas),
                            "se": statistics.stdev(deltas) / len(deltas) ** 0.5 if len(deltas) > 1 else 0.0,
                            "deltas": deltas}
             print(f"{name}: {s_name} ← {t_name} {method}: {row[method]['delta'] * 100:+.2f} pp", file=sys.stderr)
         pairs.append(row)
-        share = {m: float(np.mean([p[m]["delta"] >= 0 for p in pairs])) for m in zoo["methods"]}
-        result = {**zoo, "n_train": len(train), "n_test": len(test), "seeds": seeds, "pairs": pairs,
+        share = nonnegative_share(pairs, zoo["methods"])
+        result = {**zoo, "lr": lr, "n_train": len(train), "n_test": len(test), "seeds": seeds, "pairs": pairs,
                   "pairs_total": len(order), "share_delta_nonnegative": share,
                   "seconds": round(time.perf_counter() - t0, 1)}
         save(result)  # after each pair: a partial zoo says how many of its pairs it holds
@@ -142,28 +157,50 @@ def write(results: dict) -> None:
     pp = lambda d: f"{d['delta'] * 100:+.2f} ± {d['se'] * 100:.2f}"  # noqa: E731
     names = {"kd": "KD delta", "kl_dp": "KL+DP delta", "kl_dp_label_free": "KL+DP label-free delta"}
     parts = ["# Fantastic Gains: flips and transfer delta between the models of a zoo\n\nOne CPU thread "
-             "(`OMP_NUM_THREADS=1`); AdamW lr 1e-4, T = 1, batch 32; transfer delta = student test accuracy after "
+             "(`OMP_NUM_THREADS=1`); AdamW, T = 1, batch 32 (lr per section, 1e-4 unless said); transfer delta = student test accuracy after "
              "− before (pp, mean ± s.e. over the seeds); flips of the teacher over the student on the test set.\n"]
-    for zoo, r in results.items():
+    for zoo, r in sorted(results.items()):  # a zoo's sections (other lrs, controls) follow it
         methods = r["methods"]
         rows = "\n".join(
             f"| {p['student']} | {p['teacher']} | {p['student_accuracy'] * 100:.1f} | "
             f"{p['teacher_accuracy'] * 100:.1f} | {p['positive_flips'] * 100:.1f} | {p['negative_flips'] * 100:.1f} | "
             + " | ".join(pp(p[m]) for m in methods) + " |" for p in r["pairs"])
         start = "linear probes tuned on the training part" if r["probe"] else "their pretrained heads"
-        start += "; the students' BatchNorm layers stay in eval mode (`freeze_bn`)" if r.get("freeze_bn") else ""
-        share = ", ".join(f"{names[m].removesuffix(' delta')} {r['share_delta_nonnegative'][m] * 100:.0f} %"
-                          for m in methods)
+        if r.get("freeze_bn"):
+            start += ("; `freeze_bn` on (the text models have no BatchNorm: no effect)" if zoo.startswith("text")
+                      else "; the students' BatchNorm layers stay in eval mode (`freeze_bn`)")
+        share = ", ".join(f"{names[m].removesuffix(' delta')} {v * 100:.0f} %"
+                          for m, v in nonnegative_share(r["pairs"], methods).items())
         parts.append(
             f"## {zoo}: {r['data']}\n\n`{r['command']}`\n\n{r['n_train']} training, {r['n_test']} test items "
-            f"(stratified sample of {r['limit']}); the models start from {start}; {r['epochs']} epochs; seeds "
-            f"{', '.join(map(str, r['seeds']))}; {r['seconds']:.0f} s"
+            f"(stratified sample of {r['limit']}); the models start from {start}; {r['epochs']} epoch{'s' if r['epochs'] != 1 else ''}; seeds "
+            f"{', '.join(map(str, r['seeds']))}; lr {r.get('lr', 1e-4):g}; {r['seconds']:.0f} s"
             + ("" if len(r["pairs"]) == r["pairs_total"] else
                f"; **partial: {len(r['pairs'])} of {r['pairs_total']} pairs** (stopped for time)") + ".\n\n"
             "| student | teacher | student acc. % | teacher acc. % | positive flips % | negative flips % | "
             + " | ".join(names[m] for m in methods) + " |\n|" + "---|" * (6 + len(methods)) + "\n" + rows
-            + f"\n\nShare of pairs with delta ≥ 0: {share}.\n")
+            + ("\n" if "nan" in share else f"\n\nShare of pairs with delta ≥ 0: {share}.\n") + _over_control(r))
     (RESULTS / "distill_gains.md").write_text("\n".join(parts))
+
+
+def nonnegative_share(pairs: list[dict], methods) -> dict[str, float]:
+    """Share of the teacher pairs (self-controls left out) whose mean delta is ≥ 0, per method."""
+    real = [p for p in pairs if p["teacher"] != CONTROL]
+    return {m: sum(p[m]["delta"] >= -TOL for p in real) / len(real) if real else float("nan") for m in methods}
+
+
+def _over_control(r: dict) -> str:
+    """With self-control rows: the share of teacher pairs whose delta is at least the student's own control's."""
+    control = {p["student"]: p for p in r["pairs"] if p["teacher"] == CONTROL}
+    real = [p for p in r["pairs"] if p["teacher"] != CONTROL and p["student"] in control]
+    if not real:
+        return ""
+    names = {"kd": "KD", "kl_dp": "KL+DP", "kl_dp_label_free": "KL+DP label-free"}
+    share = {m: sum(p[m]["delta"] >= control[p["student"]][m]["delta"] - TOL for p in real) / len(real)
+             for m in r["methods"]}
+    shares = ", ".join(f"{names[m]} {v * 100:.0f} %" for m, v in share.items())
+    return (f"Share of pairs with delta ≥ the student's self-control delta (what training at this lr does to the "
+            f"student with nothing to learn): {shares}.\n")
 
 
 def main() -> None:
@@ -171,13 +208,17 @@ def main() -> None:
     seeds = [int(s) for s in ARGS.seeds.split(",")]
     command = "OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/distill_gains.py " + " ".join(sys.argv[1:])
     for name in [z.strip() for z in ARGS.zoos.split(",") if z.strip()]:
-        def save(partial, name=name):
+        key = name if ARGS.lr == 1e-4 and not ARGS.self_control else \
+            f"{name}, lr {ARGS.lr:g}" + {None: "", "also": ", with self-control", "only": ", self-control only"}[
+                ARGS.self_control]
+
+        def save(partial, key=key):
             # re-read on every save: runs of different zoos in parallel keep each other's sections
             results = json.loads(old.read_text()).get("zoos", {}) if old.is_file() else {}
-            results[name] = {"command": command.strip(), **partial}
+            results[key] = {"command": command.strip(), **partial}
             write(results)
 
-        run_zoo(name, seeds, Path(ARGS.work), save)
+        run_zoo(name, seeds, Path(ARGS.work), save, ARGS.lr, ARGS.self_control)
     print((RESULTS / "distill_gains.md").read_text())
 
 
@@ -186,5 +227,9 @@ if __name__ == "__main__":
     p.add_argument("--zoos", default=",".join(ZOOS), help=f"comma-separated, of {', '.join(ZOOS)}")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--work", default=str(Path("/tmp") / "transferkit-distill-gains"))
+    p.add_argument("--lr", type=float, default=1e-4, help="AdamW lr of every transfer; a section per zoo and lr")
+    p.add_argument("--self-control", choices=("also", "only"),
+                   help="teach each student with a frozen copy of itself too (or only): the optimisation-damage "
+                        "control")
     ARGS = p.parse_args()
     main()
