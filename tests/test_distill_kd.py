@@ -187,3 +187,13 @@ def test_a_teacher_with_other_classes_is_refused():
     foreign = Net("foreign", toy_zoo("foreign"), None, ["cat", "dog"])
     with pytest.raises(ConfigError, match="predicts"):
         distill([foreign], _student(), train, test, method="kd", config={"epochs": 1})
+
+
+@pytest.mark.parametrize("bad", [nn.Linear(64, 10), 5, None])
+def test_a_teacher_transferkit_cannot_freeze_and_reload_is_a_one_line_error(bad):
+    """A bare module (no preprocessing, no head contract), a number or None as a teacher or student: a ConfigError
+    naming what is accepted, before anything trains."""
+    train, _ = digits(n=60)
+    for teachers, student in (([bad], _student()), ([trained_teacher(train, epochs=1)], bad)):
+        with pytest.raises(ConfigError, match="must be a catalogue model name.*from_module"):
+            distill(teachers, student, train, None, method="kd", config={"epochs": 1})

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import os
 import time
 import types
 from collections.abc import Mapping
@@ -62,10 +63,16 @@ class DistillResult:
 def load_net(spec: Any, classes: list[str] | None = None, load: Callable | None = None) -> Net:
     """A catalogue name, a path the zoo loads, a loaded ZooModel or a ``transferkit tune`` run folder
     (``load`` loads a run's base model by name: the pipeline's, with its model options; default the zoo's)."""
-    from ..zoo import Classifier, load_model
+    from ..zoo import Classifier, ZooModel, load_model
 
-    if not isinstance(spec, str):
+    if isinstance(spec, os.PathLike):
+        spec = os.fspath(spec)
+    if isinstance(spec, ZooModel):
         zoo = spec
+    elif not isinstance(spec, str):
+        raise ConfigError(f"a teacher or student must be a catalogue model name, a model path, a `transferkit tune` "
+                          f"run folder, a loaded ZooModel (wrap an nn.Module with transferkit.zoo.from_module) or a Net, got "
+                          f"{type(spec).__name__} {registry.short(spec)}")
     else:
         p = Path(spec).expanduser()
         if p.is_dir() and (p / "delta" / "delta.json").is_file():
