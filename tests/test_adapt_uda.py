@@ -1,7 +1,8 @@
 """UDA consistency training: the TSA schedules at their exact endpoints, the loss denominators (kept items for
 the supervised term, the whole batch for the consistency term), sharpening and the stop-gradient, seeded
 RandAugment ops checked against their definitions, word-level text ops and the packaged lexicon, training
-end to end."""
+end to end; with a frozen backbone, the feature cache (source and clean target features once, the backbone on
+the augmented copies only) trains like the uncached run on images and the returned module predicts raw items."""
 
 import math
 import random
@@ -242,3 +243,106 @@ def test_uda_on_real_digits(one_thread):
     recs = [h for h in res.history if "train_mask" in h]
     assert recs and all(0 < h["train_mask"] <= 1 and h["train_unsup"] > 0 for h in recs)
     assert recs[0]["train_tsa_kept"] < 1.0  # log TSA drops confident source items early
+
+
+def _counting(module):
+    """A forward hook on ``module`` counting its calls and the rows of its outputs."""
+    count = {"rows": 0, "calls": 0}
+
+    def hook(m, inputs, out):
+        count["rows"] += len(out)
+        count["calls"] += 1
+    module.register_forward_hook(hook)
+    return count
+
+
+def _spy_bottleneck(monkeypatch):
+    """Counters of the bottleneck of every classifier ``uda.run`` builds, in order."""
+    made, real = [], uda.adapted_classifier
+
+    def spy(*args, **kwargs):
+        clf = real(*args, **kwargs)
+        made.append(_counting(clf.backbone[1]))
+        return clf
+    monkeypatch.setattr(uda, "adapted_classifier", spy)
+    return made
+
+
+@pytest.mark.assets
+def test_cached_frozen_features_train_like_the_frozen_backbone_on_raw_digits(one_thread, tmp_path, monkeypatch):
+    """Real digits, frozen USPS CNN + bottleneck: training on source and clean target features computed once, the
+    frozen backbone run only on the augmented copies, equals running it on every item of every step (to float
+    rounding: same weights, same predictions). Cached, the backbone sees each source and target item once plus
+    the augmented copies A; uncached, one source pass per epoch + 2 A. Both send source, clean and augmented
+    items through the bottleneck as one batch per step. adapt() saves the whole classifier: loaded back, it
+    predicts the raw held-out images as recorded."""
+    from safetensors.torch import load_file
+
+    from transferkit.adapt._common import adapted_classifier, match_images, predict_logits, unlabelled
+    from transferkit.data import load_dataset
+    from transferkit.data.split import make_split
+    from transferkit.zoo import load_model
+
+    src = load_dataset("sklearn-digits", limit=120, seed=0)
+    train, test, _ = make_split("opencv-digits", limit=150, sample_seed=0, seed=0, test_size=0.3)
+    values = {"freeze_backbone": True, "bottleneck": 16, "epochs": 2, "batch_size": 16, "unsup_ratio": 2,
+              "threshold": 0.5}
+    opts = registry.get("adapt", "uda").parse(values)
+    s, t, h = match_images(load_model("digits-usps"), src, train, test)  # as adapt() does: all 16 × 16
+    bottleneck = _spy_bottleneck(monkeypatch)
+    runs, rows = [], []
+    for cache in (True, False):
+        model = load_model("digits-usps")
+        seen = _counting(model.backbone)  # copied with the backbone into the classifier
+        runs.append(uda.run(model, s, unlabelled(t), h.X, options=opts, seed=4, cache_features=cache))
+        rows.append(seen["rows"])
+    a, b = (r.module.state_dict() for r in runs)
+    assert a.keys() == b.keys() and "backbone.1.0.weight" in a  # both: backbone → bottleneck → head
+    for k in a:
+        assert torch.allclose(a[k].double(), b[k].double(), atol=1e-5, rtol=1e-4), k
+    assert np.array_equal(runs[0].predictions["adapted"], runs[1].predictions["adapted"])
+    steps = runs[0].extra["steps"]
+    assert steps == runs[1].extra["steps"] == 2 * math.ceil(len(s) / 16)
+    augmented = rows[0] - len(s) - len(t) - len(h)
+    assert augmented > 0 and rows[1] == opts.epochs * len(s) + 2 * augmented + len(h)
+    assert [c["calls"] for c in bottleneck] == [steps + 1, steps + 1]  # + the held-out prediction
+
+    res = adapt(load_model("digits-usps"), src, train, test, method="uda", options=values, seed=4, out_dir=tmp_path)
+    assert np.array_equal(res.predictions["adapted"], runs[0].predictions["adapted"])
+    clf = adapted_classifier(load_model("digits-usps"), src.classes, opts, 0)
+    clf.load_state_dict(load_file(str(tmp_path / "model.safetensors")))
+    pred = predict_logits(clf, h.X, load_model("digits-usps").preprocess).argmax(-1).numpy()
+    assert np.array_equal(pred, res.predictions["adapted"])
+
+
+def test_cached_frozen_text_encoder_runs_on_the_augmented_copies_only(tiny_bert_dir, sentiment_csv, monkeypatch):
+    """Text, frozen encoder: cached, the encoder sees each item once plus the augmented copies, and source, clean
+    and augmented features go through the bottleneck in one pass per step; uncached, token batches of different
+    lengths go through it separately (3 calls per step). Selection by a label-free scorer runs on the cached
+    target features; the returned module predicts raw strings."""
+    from transferkit.adapt._common import predict_logits, unlabelled
+    from transferkit.data import load_dataset
+    from transferkit.zoo import load_model
+
+    ds = load_dataset(str(sentiment_csv))
+    target = replace(ds.subset(range(40, 80)), name="reviews")
+    src, tgt, test = ds.subset(range(40)), target.subset(range(30)), target.subset(range(30, 40))
+    opts = registry.get("adapt", "uda").parse({"freeze_backbone": True, "bottleneck": 8, "epochs": 2,
+                                               "batch_size": 8, "select_by": "entropy"})
+    bottleneck = _spy_bottleneck(monkeypatch)
+    runs, rows = [], []
+    for cache in (True, False):
+        model = load_model(str(tiny_bert_dir))
+        seen = _counting(model.backbone)
+        runs.append(uda.run(model, src, unlabelled(tgt), test.X, options=opts, seed=1, cache_features=cache))
+        rows.append(seen["rows"])
+    steps = runs[0].extra["steps"]
+    evals = bottleneck[1]["calls"] - 3 * steps - 1  # the scorer's passes over the 30 target items (one batch)
+    assert steps == 10 and evals == 2  # one per epoch
+    assert bottleneck[0]["calls"] == steps + 1 + evals  # one pass per step, + held-out, + the scorer
+    augmented = (rows[1] - opts.epochs * len(src) - len(test) - evals * len(tgt)) // 2  # the scorer encodes raw items
+    assert augmented > 0 and rows[0] == len(src) + len(tgt) + augmented + len(test)
+    assert runs[0].extra["selected_entropy"] is not None
+    model = load_model(str(tiny_bert_dir))
+    pred = predict_logits(runs[0].module, test.X, model.preprocess).argmax(-1).numpy()
+    assert np.array_equal(pred, runs[0].predictions["adapted"])

@@ -4,9 +4,9 @@ The training methods (DANN, ParetoDA, UDA) share :class:`BackboneOptions`: ``fre
 pre-trained backbone fixed (eval mode, no gradient; its parameters and BatchNorm buffers end as they began) and
 ``bottleneck`` puts a trainable Linear → BatchNorm1d → ReLU of that width between the backbone and the head
 (tllib's and DANN's bottleneck: what a domain discriminator reads). :func:`adapted_classifier` builds the module
-they adapt; :func:`training_inputs` lets a method that does not augment its inputs train the bottleneck + head
-on the frozen backbone's features, computed once per item for the run, instead of running the backbone on
-every step. The module handed back always predicts raw items (backbone → bottleneck → head).
+they adapt; :func:`training_inputs` lets a method train the bottleneck + head on the frozen backbone's
+features, computed once per item for the run, instead of running the backbone on every step (UDA uses it for
+its source and clean target items and runs the backbone only on its augmented copies). The module handed back always predicts raw items (backbone → bottleneck → head).
 """
 
 from __future__ import annotations
@@ -73,8 +73,8 @@ class BackboneOptions:
     """What a training method trains: the whole model (default), or a bottleneck + head on a frozen backbone."""
 
     freeze_backbone: bool = option(False, help="keep the backbone fixed (eval mode, no gradient): only the "
-                                   "bottleneck and the head train; without input augmentation the backbone's "
-                                   "features are computed once per item")
+                                   "bottleneck and the head train; the backbone's features of items that are "
+                                   "not augmented are computed once per item")
     bottleneck: int | None = option(None, low=1, help="width of a trainable Linear → BatchNorm1d → ReLU between "
                                     "the backbone and the head (null: none)")
 

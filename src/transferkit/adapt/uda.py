@@ -47,8 +47,15 @@ sklearn-digits → MNIST, where the source model is right on about half of the t
 
 Frozen backbone (:class:`~._common.BackboneOptions`): ``freeze_backbone`` keeps the pre-trained backbone fixed
 (eval mode, no gradient) and trains the head and, when set, the ``bottleneck`` (Linear → BatchNorm1d → ReLU).
-UDA's augmented copies are new inputs on every step, so the backbone still runs on every source, clean and
-augmented item of every step (no feature cache, unlike DANN and ParetoDA); only its backward pass is saved.
+Source items and clean target items never change, so their backbone features are computed once per item at the
+start (:func:`~._common.training_inputs`); only the augmented copies are new on every step, and the objective
+runs the frozen backbone on them (eval mode, no gradient; an objective ``frozen`` part, kept out of the optimizer
+and the checkpoints). Source, clean and augmented features then go through the bottleneck + head in one
+concatenated pass, on text too. Per step the backbone sees the ``unsup_ratio`` × ``batch_size`` augmented items
+instead of all (1 + 2 ``unsup_ratio``) × ``batch_size``. ``run(..., cache_features=False)`` runs the frozen
+backbone on every item of every step instead: the same run to float rounding on images; on text the uncached
+path sends token batches of different lengths through the bottleneck separately (its BatchNorm then normalises
+each part on its own), so the two runs differ there. The returned module predicts raw items.
 """
 
 from __future__ import annotations
@@ -72,7 +79,7 @@ from ..engine import Objective, TrainConfig, forward, train
 from ..errors import ConfigError
 from ..registry import option
 from ..tune._common import Pairs, make_collate
-from ._common import STAGE, BackboneOptions, Fitted, adapted_classifier, predict_logits
+from ._common import STAGE, BackboneOptions, Fitted, adapted_classifier, predict_logits, training_inputs
 
 __all__ = ["UdaOptions", "tsa_threshold", "tsa_cross_entropy", "consistency_loss", "rand_augment", "IMAGE_OPS",
            "word_augment", "synonym_swap", "random_deletion", "random_swap", "lexicon", "UDAObjective", "run"]
@@ -352,10 +359,11 @@ def word_augment(text: str, rng: random.Random, synonym_p: float = 0.1, swap_p: 
 
 # --------------------------------------------------------------------------------------- training
 class _Groups(torch.utils.data.Dataset):
-    """The unlabelled items grouped ``ratio`` at a time by a seeded permutation (the last group may be short)."""
+    """The unlabelled items grouped ``ratio`` at a time by a seeded permutation (the last group may be short);
+    with ``features`` (one row per item) each group also carries its items' rows."""
 
-    def __init__(self, X: Any, ratio: int, seed: int):
-        self.X = X
+    def __init__(self, X: Any, ratio: int, seed: int, features: np.ndarray | None = None):
+        self.X, self.features = X, features
         perm = np.random.default_rng([seed, 0x0DA]).permutation(len(X))
         self.groups = [perm[i: i + ratio] for i in range(0, len(perm), ratio)]
 
@@ -363,17 +371,25 @@ class _Groups(torch.utils.data.Dataset):
         return len(self.groups)
 
     def __getitem__(self, i: int) -> _Group:
-        return _Group([self.X[j] for j in self.groups[i]])
+        idx = self.groups[i]
+        return _Group([self.X[j] for j in idx], None if self.features is None else self.features[idx])
 
 
 class _Group(list):
-    """A group of unlabelled items (tells the collate function which stream an item comes from)."""
+    """A group of unlabelled items (tells the collate function which stream an item comes from), with their
+    cached features or None."""
+
+    def __init__(self, items: list, features: np.ndarray | None = None):
+        super().__init__(items)
+        self.features = features
 
 
-def make_uda_collate(preprocess, modality: str, options: UdaOptions):
+def make_uda_collate(preprocess, modality: str, options: UdaOptions, cached: bool = False):
     """Source items → ``{"inputs", "labels"}``; target groups → ``{"inputs", "augmented"}`` (clean and
-    augmented copies of the same items, the augmentation seeded from the step-seeded global RNG)."""
-    labelled = make_collate(preprocess)
+    augmented copies of the same items, the augmentation seeded from the step-seeded global RNG). With
+    ``cached`` the source items and the groups' ``features`` are feature rows: ``inputs`` are those rows as
+    tensors and only ``augmented`` is preprocessed raw items."""
+    labelled = make_collate(torch.as_tensor if cached else preprocess)
 
     def collate(items):
         if not isinstance(items[0], _Group):
@@ -387,21 +403,28 @@ def make_uda_collate(preprocess, modality: str, options: UdaOptions):
         else:
             raw = np.stack(xs)
             aug = rand_augment(raw, seed, options.n_ops, options.magnitude, options.cutout)
-        return {"inputs": preprocess(raw), "augmented": preprocess(aug)}
+        clean = torch.as_tensor(np.concatenate([g.features for g in items])) if cached else preprocess(raw)
+        return {"inputs": clean, "augmented": preprocess(aug)}
     return collate
 
 
 class UDAObjective(Objective):
     """TSA-masked source CE + λ · confidence-masked sharpened KL(clean ‖ augmented) on the target.
 
-    Batches are ``{"source": {"inputs", "labels"}, "target": {"inputs", "augmented"}}``. Logs ``ce``, ``unsup``,
-    ``tsa_threshold``, ``tsa_kept`` (share of labelled items kept) and ``mask`` (share of confident target items).
+    Batches are ``{"source": {"inputs", "labels"}, "target": {"inputs", "augmented"}}``. With ``encoder`` (the
+    frozen backbone; the model is then the bottleneck + head on features) the source and clean target inputs
+    are features and ``augmented`` raw inputs, which ``encoder`` turns into features first. Logs ``ce``,
+    ``unsup``, ``tsa_threshold``, ``tsa_kept`` (share of labelled items kept) and ``mask`` (share of confident
+    target items).
     """
 
-    def __init__(self, classes: int, options: UdaOptions):
+    def __init__(self, classes: int, options: UdaOptions, encoder: nn.Module | None = None):
         super().__init__()
         self.classes, self.options = classes, options
         self.eta = tsa_threshold(options.tsa, 0, 1, classes)
+        self.encoder = encoder
+        if encoder is not None:
+            self.frozen = ("encoder",)  # the engine keeps it in eval mode, out of the optimizer and checkpoints
 
     def before_step(self, step: int, total: int) -> None:
         self.eta = tsa_threshold(self.options.tsa, step, total, self.classes)
@@ -411,6 +434,8 @@ class UDAObjective(Objective):
         xs, ys = batch["source"]["inputs"], batch["source"]["labels"]
         xu, xa = batch["target"]["inputs"], batch["target"]["augmented"]
         ns, nu = len(ys), _rows(xu)
+        if self.encoder is not None:
+            xa = self.encoder(xa).to(xu.dtype)
         if all(isinstance(x, torch.Tensor) for x in (xs, xu, xa)) and xs.shape[1:] == xu.shape[1:] == xa.shape[1:]:
             logits = forward(model, torch.cat([xs, xu, xa]))
             ls, lu, la = logits[:ns], logits[ns: ns + nu], logits[ns + nu:]
@@ -434,22 +459,28 @@ def _rows(x: Any) -> int:
 
 
 def run(model, source, target_train, target_test_X, *, options: UdaOptions, seed: int, progress: bool = False,
-        **_) -> Fitted:
-    """Train ``model`` (a ZooModel) with UDA consistency on labelled ``source`` + unlabelled ``target_train``."""
+        cache_features: bool = True, **_) -> Fitted:
+    """Train ``model`` (a ZooModel) with UDA consistency on labelled ``source`` + unlabelled ``target_train``; with
+    a frozen backbone, on its features of the source and clean target items computed once (``cache_features``)
+    or on raw items."""
     from .scorers import make_scorer
 
     clf = adapted_classifier(model, source.classes, options, seed)
     both = combine_domains(source, target_train)
     src, tgt = both.subset(both.labelled), both.subset(~both.labelled)
     ratio = options.unsup_ratio or (3 if model.modality == "text" else 7)
+    module, X, preprocess = training_inputs(clf, model.preprocess, {"source": src.X, "target": tgt.X},
+                                            cache_features)
+    cached = module is not clf
     cfg = TrainConfig(epochs=options.epochs, batch_size=options.batch_size, lr=options.lr, optimizer="sgd",
                       momentum=options.momentum, weight_decay=options.weight_decay, scheduler="cosine",
                       max_grad_norm=None, seed=seed, progress=progress, restore_best=options.select_by is not None)
-    objective = UDAObjective(len(source.classes), options)
-    scorer = make_scorer(options.select_by, model.preprocess, seed=seed) if options.select_by else "accuracy"
-    result = train(clf, {"source": Pairs(src.X, src.y), "target": _Groups(tgt.X, ratio, seed)}, objective, cfg,
-                   collate_fn=make_uda_collate(model.preprocess, model.modality, options), metric=scorer,
-                   val_data=tgt.X if options.select_by else None)
+    objective = UDAObjective(len(source.classes), options, clf.backbone[0] if cached else None)
+    scorer = make_scorer(options.select_by, preprocess, seed=seed) if options.select_by else "accuracy"
+    groups = _Groups(tgt.X, ratio, seed, X["target"] if cached else None)
+    result = train(module, {"source": Pairs(X["source"], src.y), "target": groups}, objective, cfg,
+                   collate_fn=make_uda_collate(model.preprocess, model.modality, options, cached), metric=scorer,
+                   val_data=X["target"] if options.select_by else None)
     clf.eval()
     pred = predict_logits(clf, target_test_X, model.preprocess).argmax(-1).numpy()
     extra = {"best_step": result.best_step, "steps": result.steps, "unsup_ratio": ratio}
