@@ -19,7 +19,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = sorted((ROOT / "benchmarks" / "results").glob("rank_zoo*.json"))
+# re-measures of a setting that is already a source: the same targets and protocol would count twice
+REMEASURES = {"rank_zoo_image500.json": "rank_zoo_image60_lr4's command again (1 torch thread), with bootstrap intervals"}
+SOURCES = sorted(p for p in (ROOT / "benchmarks" / "results").glob("rank_zoo*.json") if p.name not in REMEASURES)
 OUT = ROOT / "src" / "transferkit" / "rank" / "zoo_results.json"
 DERIVED = ("auto", "auto_consensus")  # rank aggregations of the other rows, not metrics
 VERSION = 1
