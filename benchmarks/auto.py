@@ -131,14 +131,15 @@ def one(target: str, zoo: dict, seed: int, args, say) -> dict:
             "rows": rows}
 
 
-def write(results: list[dict], args, stem: str, seconds: float) -> str:
+def write(results: list[dict], args, stem: str, seconds: float, commands: list[str] | None = None) -> str:
     from transferkit.runtime import environment
 
     out = ROOT / "results"
     out.mkdir(exist_ok=True)
     labels = list(dict.fromkeys(k for r in results for k in r["rows"]))
     lines = [f"# auto vs oracle and baselines ({args.zoo} zoo)", "",
-             f"Command: `{' '.join(['OMP_NUM_THREADS=1', 'python', *sys.argv])}` — {seconds:.0f} s in all.", "",
+             *(f"Command: `{c}`" + "  " for c in commands or [" ".join(["OMP_NUM_THREADS=1", "python", *sys.argv])]),
+             f"Wall time {seconds:.0f} s in all.", "",
              "Accuracy on the held-out half ÷ the oracle's best test accuracy over all its arms; compute = epochs "
              "of backbone training ÷ the oracle's (every arm to the end; linear probes on cached features cost 0). "
              "Per target: mean over seeds ± 95 % t-interval.", ""]
@@ -163,7 +164,7 @@ def write(results: list[dict], args, stem: str, seconds: float) -> str:
                          if v.get("test_accuracy") is not None))
     md = "\n".join(lines) + "\n"
     (out / f"{stem}.md").write_text(md)
-    (out / f"{stem}.json").write_text(json.dumps({"command": " ".join(sys.argv), "args": vars(args),
+    (out / f"{stem}.json").write_text(json.dumps({"command": " ".join(sys.argv), "commands": commands, "args": vars(args),
                                                   "seconds": seconds, "machine": environment(),
                                                   "results": results}, indent=1, default=str))
     return md
@@ -181,6 +182,8 @@ def main() -> None:
     ap.add_argument("--budget-share", type=float, default=0.1)
     ap.add_argument("--prior", default="logme")
     ap.add_argument("--stem", default=None)
+    ap.add_argument("--combine", nargs="+", type=Path, help="merge the runs of these results files (parts run in "
+                    "parallel, e.g. one per seed) into --stem's .json / .md; no compute")
     ap.add_argument("--reuse", action="store_true", help="keep the finished (target, seed) runs of the results file "
                     "(same split size), run the rest")
     args = ap.parse_args()
@@ -189,6 +192,17 @@ def main() -> None:
     targets = args.targets.split(",") if args.targets else zoo["targets"]
     stem = args.stem or f"auto_{args.zoo}"
     say = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    if args.combine:
+        docs = [json.loads(p.read_text()) for p in args.combine]
+        unique = {}  # a (target, seed, n_test) run reused by a later part counts once, from the first file
+        for r in (r for d in docs for r in d["results"]):
+            unique.setdefault((r["target"], r["seed"], r["n_test"]), r)
+        runs = sorted(unique.values(), key=lambda r: (r["seed"], targets.index(r["target"]) if r["target"] in targets
+                                                      else len(targets)))
+        commands = [c for d in docs for c in (d.get("commands") or ["OMP_NUM_THREADS=1 python " + d["command"]])]
+        print(write(runs, args, stem, sum(d["seconds"] for d in docs),
+                    commands + ["OMP_NUM_THREADS=1 python " + " ".join(sys.argv)]))
+        return
     t0 = time.perf_counter()
     results, earlier = [], {}
     if args.reuse and (ROOT / "results" / f"{stem}.json").is_file():  # finished (target, seed) runs of this script
