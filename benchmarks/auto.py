@@ -15,8 +15,16 @@ Per target and seed, on one recorded split (``--per-class`` items per class, hal
 * **random search** — arms in a seeded random order, each trained to the end, until the same budget; the
   best validation accuracy wins. Training is deterministic, so these arms are exactly the oracle's arms and
   their accuracies are read from the oracle's table (no retraining);
+* **oracle chosen on validation** — the oracle's arms judged the way the search judges them: the best
+  *validation* accuracy among all arms trained to the end (ties: the mean test accuracy of the tied arms). It
+  is the ceiling of any validation-based choice with unlimited compute, and measures how much of a miss is
+  the validation fifth's noise rather than the budget;
 * **pipeline** — today's pipeline: LogME's top-1 model + LoRA at its default lr (the oracle's arm);
 * **largest + full** — the candidate with the most parameters, fully fine-tuned at the default lr.
+
+``--oracle-from FILE`` reuses the oracle arms of an earlier results file for the same (target, seed, test
+size) and trains only the arms of models it lacks (training is deterministic at one thread, so a reused arm is
+the arm this run would train); their seconds are the earlier run's.
 
 Every accuracy is on the held-out half of the per-class sample (a seeded random half; official test marks are
 dropped), ≥ 500 items, with its binomial standard
@@ -40,6 +48,11 @@ ZOOS = {
     "image": {"targets": ["opencv-digits", "sklearn-digits", "fashion-mnist"],
               "models": ["digits-mnist", "digits-usps", "digits-svhn", "mobilenet-v2"],
               "options": {"mobilenet-v2": {"size": 64}}},
+    "image7": {"targets": ["opencv-digits", "sklearn-digits", "fashion-mnist"],
+               "models": ["digits-mnist", "digits-usps", "digits-svhn", "mobilenet-v2", "efficientnet-lite0",
+                          "efficientnet-lite1", "efficientnet-lite2"],
+               "options": {m: {"size": 64} for m in ("mobilenet-v2", "efficientnet-lite0", "efficientnet-lite1",
+                                                     "efficientnet-lite2")}},
     "text": {"targets": ["vader:movies", "vader:amazon", "vader:tweets"],
              "models": ["paraphrase-minilm-l3-v2", "all-minilm-l6-v2"],
              "options": {"paraphrase-minilm-l3-v2": {"max_length": 64}, "all-minilm-l6-v2": {"max_length": 64}}},
@@ -74,6 +87,29 @@ def random_search(orc: dict, budget_epochs: float, seed: int) -> dict:
     return {"name": best["name"], "test_accuracy": best["test_accuracy"], "cost": spent, "arms": len(taken)}
 
 
+def val_best(orc: dict) -> dict:
+    """The oracle's arm with the best validation accuracy; ties: the mean test accuracy of the tied arms."""
+    top = max(a["val_accuracy"] for a in orc["arms"])
+    tied = [a for a in orc["arms"] if a["val_accuracy"] == top]
+    return {"name": " | ".join(a["name"] for a in tied), "test_accuracy": float(np.mean([a["test_accuracy"] for a in tied])),
+            "cost": orc["cost"], "tied": len(tied)}
+
+
+def merged_oracle(target: str, models: list[str], common: dict, reused: list[dict], n: int, say) -> dict:
+    """The oracle over ``models``: the ``reused`` arms of models it has, the other models' arms trained now."""
+    from transferkit.auto import oracle
+
+    have = {a["model"] for a in reused}
+    arms = [a for a in reused if a["model"] in models]
+    missing = [m for m in models if m not in have]
+    if missing:
+        arms += oracle(target, missing, progress=say, **common)["arms"]
+    arms.sort(key=lambda a: models.index(a["model"]))  # stable: make_arms' order within a model
+    best = max(arms, key=lambda a: a["test_accuracy"])
+    return {"arms": arms, "best": {**best, "test_se": _se(best["test_accuracy"], n)},
+            "seconds": round(sum(a["seconds"] for a in arms), 3), "cost": float(sum(a["cost"] for a in arms))}
+
+
 def target_data(target: str, per_class: int, seed: int):
     """The sampled target, its official train/test marks dropped: the held-out half is a seeded random half of
     the sample (Fashion-MNIST's official marks would hold out only its 1/7 test share)."""
@@ -85,7 +121,7 @@ def target_data(target: str, per_class: int, seed: int):
 
 
 def one(target: str, zoo: dict, seed: int, args, say) -> dict:
-    from transferkit.auto import oracle, search
+    from transferkit.auto import search
     from transferkit.data.split import make_split
     from transferkit.zoo import load_model
 
@@ -95,7 +131,7 @@ def one(target: str, zoo: dict, seed: int, args, say) -> dict:
     _, test, _ = make_split(target, sample_seed=seed, seed=seed, test_size=0.5, dataset=ds)
     n = len(test)
     t0 = time.perf_counter()
-    orc = oracle(target, zoo["models"], progress=say, **common)
+    orc = merged_oracle(target, zoo["models"], common, args.reused.get((target, seed, n), []), n, say)
     say(f"oracle: {orc['best']['name']} {orc['best']['test_accuracy']:.4f} in {time.perf_counter() - t0:.0f} s")
     budget = args.budget_share * orc["cost"]
     rows = {}
@@ -108,6 +144,7 @@ def one(target: str, zoo: dict, seed: int, args, say) -> dict:
                        "arms_started": sum(a["state"] != "waiting" for a in res["arms"]),
                        "prior_order": res["prior"]["order"]}
     rows["random search"] = random_search(orc, budget, seed)
+    rows["oracle chosen on validation"] = val_best(orc)
     top1 = rows["auto"]["prior_order"][0]
     # the (model, method) arm at the method's default lr: make_arms puts lr factor 1 first within a model and method
     default = lambda m, method: next(a for a in orc["arms"] if a["model"] == m and a["method"] == method)  # noqa: E731
@@ -164,7 +201,7 @@ def write(results: list[dict], args, stem: str, seconds: float, commands: list[s
                          if v.get("test_accuracy") is not None))
     md = "\n".join(lines) + "\n"
     (out / f"{stem}.md").write_text(md)
-    (out / f"{stem}.json").write_text(json.dumps({"command": " ".join(sys.argv), "commands": commands, "args": vars(args),
+    (out / f"{stem}.json").write_text(json.dumps({"command": " ".join(sys.argv), "commands": commands, "args": {k: v for k, v in vars(args).items() if k != "reused"},
                                                   "seconds": seconds, "machine": environment(),
                                                   "results": results}, indent=1, default=str))
     return md
@@ -184,11 +221,17 @@ def main() -> None:
     ap.add_argument("--stem", default=None)
     ap.add_argument("--combine", nargs="+", type=Path, help="merge the runs of these results files (parts run in "
                     "parallel, e.g. one per seed) into --stem's .json / .md; no compute")
+    ap.add_argument("--oracle-from", type=Path, default=None, help="reuse the oracle arms of this earlier results "
+                    "file for the same (target, seed, test size); train only the arms of models it lacks")
     ap.add_argument("--reuse", action="store_true", help="keep the finished (target, seed) runs of the results file "
                     "(same split size), run the rest")
     args = ap.parse_args()
     args.methods = [m for m in args.methods.split(",") if m]
     zoo = ZOOS[args.zoo]
+    args.reused = {}
+    if args.oracle_from is not None:
+        for r in json.loads(args.oracle_from.read_text())["results"]:
+            args.reused[(r["target"], r["seed"], r["n_test"])] = r["oracle"]["arms"]
     targets = args.targets.split(",") if args.targets else zoo["targets"]
     stem = args.stem or f"auto_{args.zoo}"
     say = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731

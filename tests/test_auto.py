@@ -101,7 +101,7 @@ def test_search_prunes_by_rung_spends_the_budget_and_scores_only_the_held_out_pa
     assert seen_tests and all(t is None for t in seen_tests)  # no arm ever sees the held-out part
     arms = res["arms"]
     assert res["budget"]["spent"] == pytest.approx(sum(a["cost"] for a in arms))
-    assert res["budget"]["spent"] <= 7 + 1  # checked at each evaluation: at most one epoch over
+    assert res["budget"]["spent"] <= 7  # a cap: no epoch starts that would not fit
     for a in arms:
         if a["method"] == "linear":  # a head on cached features: its own 30 epochs, no cost against the budget
             assert a["cost"] == 0 and a["epochs"] == (10.0 if a["state"] == "pruned" else 30.0)
@@ -302,3 +302,23 @@ def test_a_diverging_arm_ends_and_the_search_goes_on(models, sentiment_csv, monk
     assert {n for n, st in states.items() if st == "diverged"} == {
         a["name"] for a in res["arms"] if a["method"] == "full" and a["lr"] > 1e-4}
     assert "waiting" not in states.values() and res["winner"]["state"] == "complete"
+
+
+
+@pytest.mark.parametrize("budget", ["1ep", "3.5ep"])
+def test_an_epoch_budget_is_a_cap_and_free_arms_still_run_after_one_that_does_not_fit(models, sentiment_csv, budget,
+                                                                                      one_thread):
+    res = auto(sentiment_csv, models, budget=budget, **FAST)
+    amount = parse_budget(budget).amount
+    arms = res["arms"]
+    spent = sum(a["cost"] for a in arms)
+    assert spent == res["budget"]["spent"] <= amount
+    states = [a["state"] for a in arms]
+    assert "waiting" not in states  # every arm was either run or found not to fit
+    skipped = [i for i, s in enumerate(states) if s == "no budget"]
+    assert skipped and all(arms[i]["method"] == "full" and arms[i]["epochs"] == 0 for i in skipped)
+    assert spent + 1 > amount  # an arm was left out only because one more epoch would not fit
+    # the linear probes (no epochs of backbone training) ordered after the first skipped arm still ran
+    assert all(a["state"] in ("complete", "pruned") for a in arms[skipped[0]:] if a["method"] == "linear")
+    if budget == "1ep":  # the order: other full ×1 (1 epoch, pruned), tiny linear, other full ×3 (skipped), tiny linear
+        assert [a["method"] for a in arms[skipped[0]:]].count("linear") == 1

@@ -6,7 +6,7 @@ from typing import Any
 
 from ..report.figures import _plt, _png
 
-_MARK = {"pruned": "x", "budget": "s", "complete": "o"}
+_MARK = {"pruned": "x", "budget": "s", "complete": "o"}  # "no budget" arms never trained: not drawn
 
 
 def plot_trace(rows: list[dict[str, Any]], winner: int | None, metric: str = "accuracy") -> bytes | None:

@@ -28,8 +28,12 @@ What it does, in order:
    set the bar early and weak ones stop after their first rung.
 5. **Budget**: wall-clock (the ranking included) or epochs of backbone training summed over the arms
    (:mod:`.budget`; a linear probe's head epochs on cached features cost nothing against an epoch budget,
-   its seconds count against a wall-clock one). It is checked at every evaluation: an arm still training
-   when the budget runs out stops there ("budget"), and no new arm starts.
+   its seconds count against a wall-clock one). It is a cap, checked at every evaluation (once per epoch):
+   an arm stops ("budget") when its next epoch would not fit in what is left — one epoch under an epoch
+   budget, the arm's mean epoch so far under a wall-clock one — and an arm whose first epoch would not fit
+   is not started ("no budget"; a head-only arm after it still runs, it costs no epochs). An epoch budget
+   is never exceeded; a wall-clock one can be, by an arm's first epoch (untimed when it starts) or by an
+   epoch slower than that arm's mean.
 6. **Winner**: the best validation accuracy (or ``select_by`` score, below) among the arms that kept their
    model — those that finished and those the budget stopped (ties: more training, then the earlier arm);
    pruned arms are discarded. Its Delta (and PEFT folder) is kept in ``arms/<arm>/``; its test accuracy is
@@ -84,7 +88,7 @@ from ..errors import ConfigError, DataError
 from ..registry import short
 from .budget import Budget, parse_budget
 
-SEARCH_VERSION = 1  # bump when a change would make an old study's arms or decisions mean something else
+SEARCH_VERSION = 2  # bump when a change would make an old study's arms or decisions mean something else
 DEFAULT_METHODS = ("linear", "bitfit", "lora", "full")
 SUPPORTED = ("linear", "full", "lora", "bitfit", "ia3")
 LR_FACTORS = (1.0, 1 / 3, 3.0)
@@ -238,7 +242,7 @@ def search(data: Any, models: Sequence[str] | str, *, methods: Sequence[str] | s
 
     Returns a JSON-able dict: ``winner`` (arm, validation and test accuracy, epochs), ``arms`` (every arm:
     state ``complete`` | ``pruned`` (at a rung) | ``budget`` | ``diverged`` (its loss blew up: the arm ends,
-    the search goes on) | ``waiting``, the epochs it reached and its
+    the search goes on) | ``no budget`` (its first epoch would not have fit: never started) | ``waiting``, the epochs it reached and its
     validation curve), ``prior`` (metric scores and order), ``budget`` (given and spent), ``split``.
     ``dataset``: the already loaded target (then ``data`` only labels it); ``split``: its recorded
     ``(train, test, Split)`` (a pipeline's), used as is instead of splitting. ``select_by``: a label-free
@@ -329,10 +333,7 @@ def search(data: Any, models: Sequence[str] | str, *, methods: Sequence[str] | s
                        if "arm" in t.params or "arm" in t.system_attrs.get("fixed_params", {}))
         for number in stale:
             runner.run(optuna.trial.Trial(study, _frozen(study, number)._trial_id))
-    while _spent(study, budget) < budget.amount:
-        trial = _next_trial(study)
-        if trial is None:
-            break
+    while (trial := _next_trial(study)) is not None:
         runner.run(trial)
     if runner.trained == 0 and not _finished_any(study):
         raise ConfigError(f"a budget of {budget} is too small to train one arm for one epoch; give more")
@@ -386,6 +387,12 @@ class _ArmRunner:
         spent0 = _spent(self.study, self.budget) - float(before.user_attrs.get(
             "cost" if self.budget.kind == "epochs" else "seconds", 0.0))
         arm_epochs = arm_schedule(arm.method, self.epochs)
+        first = arm_cost(arm.method, 1.0) if self.budget.kind == "epochs" else 0.0
+        if not reported and (spent0 + first > self.budget.amount + 1e-9 or
+                             (self.budget.kind == "seconds" and spent0 >= self.budget.amount)):
+            trial.set_user_attr("stopped", "no budget")  # its first epoch would not fit: never started
+            self.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            return
         state = {"stop": None, "curve": [], "epochs": 0.0, "rung": 0}
         t0 = time.perf_counter()
 
@@ -413,8 +420,12 @@ class _ArmRunner:
                 if pruned:
                     state["stop"] = "pruned"
                     return True
-            used = cost if self.budget.kind == "epochs" else time.perf_counter() - t0
-            if step < total and spent0 + used >= self.budget.amount:
+            if self.budget.kind == "epochs":
+                used, upcoming = cost, arm_cost(arm.method, epoch + 1) - cost
+            else:
+                used = time.perf_counter() - t0
+                upcoming = used / max(epoch, 1e-9)
+            if step < total and spent0 + used + upcoming > self.budget.amount + 1e-9:  # the next epoch would not fit
                 state["stop"] = "budget"
                 return True
             return False
